@@ -1,0 +1,11 @@
+//! ferrotune's data crate: conversation formats, chat templates, tokenization, masking and packing. It
+//! does not depend on tch; it produces token ids and labels that the trainer consumes.
+
+pub mod error;
+pub mod fixtures;
+pub mod template;
+pub mod tokenizer;
+
+pub use error::{DataError, Result};
+pub use template::{ChatTemplate, Message};
+pub use tokenizer::Tokenizer;

@@ -1,0 +1,241 @@
+//! Chat templates: the model's own Jinja template (`chat_template` in tokenizer_config.json, or
+//! `chat_template.jinja`) rendered with minijinja the way transformers' `apply_chat_template` renders it
+//! (trim_blocks + lstrip_blocks, Python string methods, `raise_exception`, `strftime_now`, and a `tojson`
+//! that prints like Python's `json.dumps`). It renders text only; tokenization and role spans are
+//! elsewhere.
+
+use crate::error::{DataError, Result};
+use minijinja::{Environment, Error as JinjaError, ErrorKind, Value};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// One chat message as templates see it.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: &str, content: &str) -> Self {
+        Message { role: role.into(), content: content.into() }
+    }
+}
+
+/// A compiled chat template with the special-token strings it may refer to.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    pub source: String,
+    /// Where the template came from, for error messages.
+    pub origin: PathBuf,
+    pub bos_token: String,
+    pub eos_token: String,
+}
+
+impl ChatTemplate {
+    /// Loads the template of the tokenizer directory `dir`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: serde_json::Value = if cfg_path.exists() {
+            let text = std::fs::read_to_string(&cfg_path).map_err(DataError::io(&cfg_path))?;
+            serde_json::from_str(&text).map_err(|e| DataError::at(&cfg_path, format!("invalid JSON: {e}")))?
+        } else {
+            serde_json::Value::Null
+        };
+        let jinja = dir.join("chat_template.jinja");
+        let (source, origin) = if jinja.exists() {
+            (std::fs::read_to_string(&jinja).map_err(DataError::io(&jinja))?, jinja)
+        } else {
+            match cfg.get("chat_template") {
+                Some(serde_json::Value::String(s)) => (s.clone(), cfg_path.clone()),
+                // A list of named templates: use the one named "default".
+                Some(serde_json::Value::Array(list)) => {
+                    let found = list.iter().find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"));
+                    let s = found.and_then(|t| t.get("template")).and_then(|t| t.as_str()).ok_or_else(|| {
+                        DataError::at(&cfg_path, "chat_template is a list without a template named \"default\"")
+                    })?;
+                    (s.to_owned(), cfg_path.clone())
+                }
+                _ => {
+                    return Err(DataError::at(
+                        dir,
+                        "the tokenizer ships no chat template (no chat_template.jinja, no `chat_template` in tokenizer_config.json); hint: choose a built-in template",
+                    ))
+                }
+            }
+        };
+        let token = |key: &str| -> String {
+            match cfg.get(key) {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(v) => v.get("content").and_then(|c| c.as_str()).unwrap_or_default().to_owned(),
+                None => String::new(),
+            }
+        };
+        Self::new(source, origin, token("bos_token"), token("eos_token"))
+    }
+
+    /// Compiles `source`; `origin` names it in errors.
+    pub fn new(source: String, origin: PathBuf, bos_token: String, eos_token: String) -> Result<Self> {
+        let mut env = Environment::new();
+        let mut syntax = minijinja::syntax::SyntaxConfig::builder();
+        syntax.trim_blocks(true).lstrip_blocks(true);
+        env.set_syntax(syntax.build().map_err(|e| DataError::at(&origin, e.to_string()))?);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        minijinja_contrib::add_to_environment(&mut env);
+        env.add_filter("tojson", tojson);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, JinjaError> {
+            Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+        });
+        env.add_function("strftime_now", strftime_now);
+        env.add_template_owned("chat", source.clone())
+            .map_err(|e| DataError::at(&origin, format!("chat template does not compile: {e}")))?;
+        Ok(ChatTemplate { env, source, origin, bos_token, eos_token })
+    }
+
+    /// Renders `messages` as transformers does; `add_generation_prompt` appends the assistant header.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let tmpl = self.env.get_template("chat").expect("template was added");
+        let ctx = minijinja::context! {
+            messages => Value::from(minijinja::value::Serde(messages)),
+            add_generation_prompt => add_generation_prompt,
+            bos_token => &self.bos_token,
+            eos_token => &self.eos_token,
+        };
+        tmpl.render(ctx).map_err(|e| DataError::at(&self.origin, format!("rendering the chat template failed: {e:#}")))
+    }
+}
+
+/// Python `json.dumps(value, ensure_ascii=False, indent=indent)` as transformers' `tojson` filter.
+fn tojson(value: Value, kwargs: minijinja::value::Kwargs) -> std::result::Result<Value, JinjaError> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    kwargs.assert_all_used()?;
+    let json: serde_json::Value = serde_json::to_value(&value).map_err(|e| JinjaError::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let mut out = String::new();
+    write_py_json(&json, indent, 0, &mut out);
+    Ok(Value::from_safe_string(out))
+}
+
+fn write_py_json(v: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mut String) {
+    use serde_json::Value as J;
+    let (open_sep, item_sep, key_sep) = match indent {
+        Some(_) => ("\n", ",\n", ": "),
+        None => ("", ", ", ": "),
+    };
+    let pad = |d: usize, out: &mut String| {
+        if let Some(n) = indent {
+            out.extend(std::iter::repeat_n(' ', n * d));
+        }
+    };
+    match v {
+        J::Array(items) if !items.is_empty() => {
+            out.push('[');
+            out.push_str(open_sep);
+            for (i, x) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                pad(depth + 1, out);
+                write_py_json(x, indent, depth + 1, out);
+            }
+            out.push_str(open_sep);
+            pad(depth, out);
+            out.push(']');
+        }
+        J::Object(map) if !map.is_empty() => {
+            out.push('{');
+            out.push_str(open_sep);
+            for (i, (k, x)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                pad(depth + 1, out);
+                out.push_str(&serde_json::to_string(k).expect("string"));
+                out.push_str(key_sep);
+                write_py_json(x, indent, depth + 1, out);
+            }
+            out.push_str(open_sep);
+            pad(depth, out);
+            out.push('}');
+        }
+        // Python writes floats like 1.0 where serde_json also does; strings escape the same way
+        // except that Python leaves non-ASCII alone (ensure_ascii=False), as serde_json does.
+        other => out.push_str(&serde_json::to_string(other).expect("json")),
+    }
+}
+
+/// `strftime_now(format)` for the directives chat templates use (%d %b %B %Y %m %H %M %S %y %j %%).
+fn strftime_now(format: String) -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    format_utc(secs, &format)
+}
+
+/// Formats UNIX time `secs` (UTC) with a strftime subset.
+pub fn format_utc(secs: i64, format: &str) -> String {
+    const MONTHS: [&str; 12] =
+        ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let cum = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334];
+    let yday = cum[(m - 1) as usize] + d + i64::from(leap && m > 2);
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('d') => out.push_str(&format!("{d:02}")),
+            Some('b') => out.push_str(&MONTHS[(m - 1) as usize][..3]),
+            Some('B') => out.push_str(MONTHS[(m - 1) as usize]),
+            Some('Y') => out.push_str(&y.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", y % 100)),
+            Some('m') => out.push_str(&format!("{m:02}")),
+            Some('j') => out.push_str(&format!("{yday:03}")),
+            Some('H') => out.push_str(&format!("{:02}", rem / 3600)),
+            Some('M') => out.push_str(&format!("{:02}", rem % 3600 / 60)),
+            Some('S') => out.push_str(&format!("{:02}", rem % 60)),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strftime_subset_matches_python() {
+        // python3 -c "import time; print(time.strftime('%d %b %Y %H:%M:%S %j', time.gmtime(1795000000)))"
+        assert_eq!(format_utc(1_795_000_000, "%d %b %Y %H:%M:%S %j"), "18 Nov 2026 11:06:40 322");
+        assert_eq!(format_utc(951_782_400, "%Y-%m-%d %j"), "2000-02-29 060");
+    }
+
+    #[test]
+    fn tojson_prints_like_python_json_dumps() {
+        let t = ChatTemplate::new("".into(), "t".into(), "".into(), "".into()).unwrap();
+        let x = Value::from(minijinja::value::Serde(serde_json::json!({"a": [1, "é"], "b": {}})));
+        let render = |src: &str| t.env.render_str(src, minijinja::context! { x => x.clone() }).unwrap();
+        // python3 -c "import json; print(json.dumps({'a': [1, 'é'], 'b': {}}, ensure_ascii=False))"
+        assert_eq!(render("{{ x | tojson }}"), r#"{"a": [1, "é"], "b": {}}"#);
+        // python3 -c "import json; print(json.dumps({'a': [1, 'é'], 'b': {}}, ensure_ascii=False, indent=2))"
+        assert_eq!(render("{{ x | tojson(indent=2) }}"), "{\n  \"a\": [\n    1,\n    \"é\"\n  ],\n  \"b\": {}\n}");
+    }
+}

@@ -1,0 +1,38 @@
+//! ferrotune's trainer crate: the Llama model in tch, checkpoint reading and writing, masked loss and
+//! generation. It does not read conversation data (that is `ferrotune-data`) or spawn processes (that is
+//! `ferrotune-launcher`).
+
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod loss;
+pub mod model;
+pub mod rope;
+pub mod weights;
+
+pub use config::LlamaConfig;
+pub use error::{Error, Result};
+pub use model::Llama;
+
+use std::path::Path;
+use tch::{Device, Kind};
+
+/// Reads `config.json` and the weights of the Hugging Face model directory `dir` into a new model.
+pub fn load_model(dir: &Path, kind: Kind, device: Device) -> Result<Llama> {
+    let config = LlamaConfig::from_dir(dir)?;
+    let model = Llama::new(config, kind, device);
+    weights::load(&model, dir)?;
+    Ok(model)
+}
+
+/// Parses a compute dtype name as used on the command line and in configs.
+pub fn parse_kind(name: &str) -> Result<Kind> {
+    match name {
+        "fp32" | "float32" => Ok(Kind::Float),
+        "bf16" | "bfloat16" => Ok(Kind::BFloat16),
+        other => Err(Error::Invalid(format!("unknown dtype `{other}`; expected fp32 or bf16"))),
+    }
+}
+
+/// The directory libtorch was linked from at build time (baked in as the binary's run path).
+pub const LIBTORCH_LIB: Option<&str> = option_env!("FERROTUNE_LIBTORCH_LIB");

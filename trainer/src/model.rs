@@ -1,0 +1,311 @@
+//! The Llama decoder in tch, with Hugging Face parameter names verbatim (`model.layers.{i}.self_attn.q_proj.weight`
+//! in the checkpoint is the same path here), so loading is a name lookup and needs no conversion script.
+//! The forward pass takes packed rows (per-document position ids and document ids, attention
+//! block-diagonal causal) and an optional KV cache, and returns hidden states; `logits` projects only
+//! the positions a caller selects through `lm_head`. It knows nothing of ranks, data or optimizers.
+//!
+//! Shapes: B batch rows, T new tokens, S attended keys (cache + new), C hidden size, H attention heads,
+//! K key/value heads, D head dim, F MLP width, V vocabulary, N selected positions.
+
+use crate::config::LlamaConfig;
+use crate::rope;
+use tch::nn::{Path, VarStore};
+use tch::{Device, Kind, Tensor};
+
+/// `weight` (out, in) and optional `bias` (out,), as `torch.nn.Linear`.
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn new(p: &Path, in_dim: i64, out_dim: i64, bias: bool, kind: Kind) -> Self {
+        let weight = p.add("weight", Tensor::zeros([out_dim, in_dim], (kind, p.device())), false);
+        let bias = bias.then(|| p.add("bias", Tensor::zeros([out_dim], (kind, p.device())), false));
+        Linear { weight, bias }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+/// Root-mean-square norm, computed in fp32 and cast back before the weight, as transformers does.
+pub struct RmsNorm {
+    pub weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(p: &Path, dim: i64, eps: f64, kind: Kind) -> Self {
+        RmsNorm { weight: p.add("weight", Tensor::ones([dim], (kind, p.device())), false), eps }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
+        let x32 = x.to_kind(Kind::Float);
+        let var = x32.square().mean_dim(-1, true, Kind::Float);
+        &self.weight * (x32 * (var + self.eps).rsqrt()).to_kind(kind)
+    }
+}
+
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    n_heads: i64,
+    n_kv_heads: i64,
+    head_dim: i64,
+}
+
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+pub struct DecoderLayer {
+    pub self_attn: Attention,
+    pub mlp: Mlp,
+    pub input_layernorm: RmsNorm,
+    pub post_attention_layernorm: RmsNorm,
+}
+
+/// Keys and values of earlier tokens, per layer, for incremental decoding.
+#[derive(Default)]
+pub struct KvCache {
+    /// Per layer: keys and values, each (B, K, S, D).
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Document id of every cached key, (B, S).
+    doc_ids: Option<Tensor>,
+}
+
+impl KvCache {
+    pub fn len(&self) -> i64 {
+        self.doc_ids.as_ref().map_or(0, |d| d.size()[1])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+pub struct Llama {
+    pub config: LlamaConfig,
+    /// Owns every parameter under its Hugging Face name.
+    pub vs: VarStore,
+    pub embed_tokens: Tensor, // (V, C)
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// (V, C); the same tensor as `embed_tokens` when embeddings are tied.
+    pub lm_head: Tensor,
+    inv_freq: Tensor, // (D/2,) fp32
+    kind: Kind,
+}
+
+impl Llama {
+    /// Allocates the architecture with placeholder values in `kind` on `device`; fill it with
+    /// `weights::load` before use.
+    pub fn new(config: LlamaConfig, kind: Kind, device: Device) -> Self {
+        let vs = VarStore::new(device);
+        let root = vs.root();
+        let m = &root / "model";
+        let c = &config;
+        let embed_tokens =
+            (&m / "embed_tokens").add("weight", Tensor::zeros([c.vocab_size, c.hidden_size], (kind, device)), false);
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| {
+                let p = &m / "layers" / i;
+                let a = &p / "self_attn";
+                let (h, k, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+                let ab = c.attention_bias;
+                let mp = &p / "mlp";
+                DecoderLayer {
+                    self_attn: Attention {
+                        q_proj: Linear::new(&(&a / "q_proj"), c.hidden_size, h * d, ab, kind),
+                        k_proj: Linear::new(&(&a / "k_proj"), c.hidden_size, k * d, ab, kind),
+                        v_proj: Linear::new(&(&a / "v_proj"), c.hidden_size, k * d, ab, kind),
+                        o_proj: Linear::new(&(&a / "o_proj"), h * d, c.hidden_size, ab, kind),
+                        n_heads: h,
+                        n_kv_heads: k,
+                        head_dim: d,
+                    },
+                    mlp: Mlp {
+                        gate_proj: Linear::new(&(&mp / "gate_proj"), c.hidden_size, c.intermediate_size, c.mlp_bias, kind),
+                        up_proj: Linear::new(&(&mp / "up_proj"), c.hidden_size, c.intermediate_size, c.mlp_bias, kind),
+                        down_proj: Linear::new(&(&mp / "down_proj"), c.intermediate_size, c.hidden_size, c.mlp_bias, kind),
+                    },
+                    input_layernorm: RmsNorm::new(&(&p / "input_layernorm"), c.hidden_size, c.rms_norm_eps, kind),
+                    post_attention_layernorm: RmsNorm::new(
+                        &(&p / "post_attention_layernorm"),
+                        c.hidden_size,
+                        c.rms_norm_eps,
+                        kind,
+                    ),
+                }
+            })
+            .collect();
+        let norm = RmsNorm::new(&(&m / "norm"), c.hidden_size, c.rms_norm_eps, kind);
+        let lm_head = if c.tie_word_embeddings {
+            embed_tokens.shallow_clone()
+        } else {
+            (&root / "lm_head").add("weight", Tensor::zeros([c.vocab_size, c.hidden_size], (kind, device)), false)
+        };
+        let inv_freq = rope::inv_freq(&c.rope, c.head_dim, device);
+        Llama { config, vs, embed_tokens, layers, norm, lm_head, inv_freq, kind }
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    /// Every parameter with its Hugging Face name, in checkpoint order (embeddings, layers 0.., norm,
+    /// lm_head). Tied `lm_head.weight` is not listed: it is `model.embed_tokens.weight`.
+    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut all: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        all.sort_by_key(|(name, _)| checkpoint_order(name));
+        all
+    }
+
+    /// Hidden states after the final norm, (B, T, C).
+    ///
+    /// `input_ids` and `position_ids` are (B, T) int64. `doc_ids` (B, T) marks which document each token
+    /// belongs to in a packed row: a token attends only to earlier tokens of its own document. `None`
+    /// means one document per row (plain causal attention). With `cache`, the new tokens also attend to
+    /// the cached ones of their document, and are appended to it.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        doc_ids: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Tensor {
+        let (b, t) = input_ids.size2().expect("input_ids must be (B, T)");
+        let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false); // (B, T, C)
+        let (cos, sin) = rope::cos_sin(&self.inv_freq, position_ids, self.kind); // (B, T, D)
+        let mask = match cache.as_deref_mut() {
+            None => doc_ids.map(|d| block_causal_mask(d, d, 0)),
+            Some(cache) => {
+                let past = cache.len();
+                let new_docs = match doc_ids {
+                    Some(d) => d.shallow_clone(),
+                    None => Tensor::zeros([b, t], (Kind::Int64, input_ids.device())),
+                };
+                let all_docs = match &cache.doc_ids {
+                    Some(prev) => Tensor::cat(&[prev, &new_docs], 1),
+                    None => new_docs.shallow_clone(),
+                };
+                let mask = block_causal_mask(&new_docs, &all_docs, past);
+                cache.doc_ids = Some(all_docs);
+                cache.layers.resize_with(self.layers.len(), || None);
+                Some(mask)
+            }
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let h = layer.self_attn.forward(&layer.input_layernorm.forward(&x), &cos, &sin, mask.as_ref(), slot);
+            x = x + h;
+            let h = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x));
+            x = x + h;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Projects hidden states (..., C) through `lm_head` to logits (..., V). Callers pass only the
+    /// positions they need (the trained ones, or the last one when generating).
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        hidden.linear::<Tensor>(&self.lm_head, None)
+    }
+}
+
+impl Attention {
+    /// x (B, T, C) -> (B, T, C).
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Tensor {
+        let (b, t, _) = x.size3().expect("x must be (B, T, C)");
+        let (h, k, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x).view([b, t, h, d]).transpose(1, 2); // (B, H, T, D)
+        let key = self.k_proj.forward(x).view([b, t, k, d]).transpose(1, 2); // (B, K, T, D)
+        let value = self.v_proj.forward(x).view([b, t, k, d]).transpose(1, 2); // (B, K, T, D)
+        let q = rope::apply(&q, cos, sin);
+        let key = rope::apply(&key, cos, sin);
+        let (key, value) = match cache {
+            Some(slot) => {
+                let (key, value) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[pk, key], 2), Tensor::cat(&[pv, value], 2)), // (B, K, S, D)
+                    None => (key, value),
+                };
+                *slot = Some((key.shallow_clone(), value.shallow_clone()));
+                (key, value)
+            }
+            None => (key, value),
+        };
+        // Without a mask and without a cache the rows are single documents: plain causal attention,
+        // which lets libtorch pick its fused kernels.
+        let is_causal = mask.is_none();
+        let y = Tensor::scaled_dot_product_attention(
+            &q,
+            &key,
+            &value,
+            mask,
+            0.0,
+            is_causal,
+            (d as f64).powf(-0.5),
+            k != h,
+        ); // (B, H, T, D)
+        self.o_proj.forward(&y.transpose(1, 2).reshape([b, t, h * d]))
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.down_proj.forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
+    }
+}
+
+/// Boolean mask (B, 1, T, S): query i (at absolute slot `past + i`) may attend key j when both belong
+/// to the same document and j <= past + i. Every query sees at least itself, so no row is empty.
+///
+/// ```text
+/// docs  0 0 0 1 1        q\k 0 1 2 3 4
+///                          0 x . . . .
+///                          1 x x . . .
+///                          2 x x x . .
+///                          3 . . . x .
+///                          4 . . . x x
+/// ```
+pub fn block_causal_mask(q_docs: &Tensor, k_docs: &Tensor, past: i64) -> Tensor {
+    let t = q_docs.size()[1];
+    let s = k_docs.size()[1];
+    let dev = q_docs.device();
+    let q_slot = Tensor::arange_start(past, past + t, (Kind::Int64, dev)).unsqueeze(1); // (T, 1)
+    let k_slot = Tensor::arange(s, (Kind::Int64, dev)).unsqueeze(0); // (1, S)
+    let causal = k_slot.le_tensor(&q_slot); // (T, S)
+    let same_doc = q_docs.unsqueeze(2).eq_tensor(&k_docs.unsqueeze(1)); // (B, T, S)
+    same_doc.logical_and(&causal).unsqueeze(1)
+}
+
+/// Sort key giving Hugging Face's checkpoint order: embeddings, layers by number, final norm, head.
+fn checkpoint_order(name: &str) -> (u8, i64, String) {
+    if let Some(rest) = name.strip_prefix("model.layers.") {
+        let (num, tail) = rest.split_once('.').unwrap_or((rest, ""));
+        (1, num.parse().unwrap_or(i64::MAX), tail.to_owned())
+    } else if name.starts_with("model.embed_tokens") {
+        (0, 0, name.to_owned())
+    } else if name.starts_with("model.") {
+        (2, 0, name.to_owned())
+    } else {
+        (3, 0, name.to_owned())
+    }
+}
