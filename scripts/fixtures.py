@@ -17,7 +17,6 @@ absent. It is not a test: tests call it (through scripts/fixture) when a fixture
 
 import importlib.util
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -66,7 +65,9 @@ def tiny(out: Path, bias: bool) -> None:
 
     torch.manual_seed(0)
     if bias:
-        tok_src = Path(os.environ["FERROTUNE_FIXTURES"]) / "smollm2-135m-instruct"
+        tok_src = out.parent / "smollm2-135m-instruct"
+        if not tok_src.exists():
+            build("smollm2-135m-instruct", tok_src)
         vocab = 49152
         rope = {"rope_type": "default", "rope_theta": 10000.0}
     else:
@@ -116,10 +117,7 @@ def tiny(out: Path, bias: bool) -> None:
             shutil.copy(tok_src / name, out / name)
 
 
-def main() -> None:
-    if len(sys.argv) != 3:
-        sys.exit(__doc__)
-    name, out = sys.argv[1], Path(sys.argv[2])
+def build(name: str, out: Path) -> None:
     builders = {
         "smollm2-135m-instruct": smollm2,
         "tiny-llama": lambda o: tiny(o, bias=False),
@@ -135,6 +133,12 @@ def main() -> None:
     builders[name](tmp)
     tmp.rename(out)
     print(f"fixture {name} ready in {out}")
+
+
+def main() -> None:
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    build(sys.argv[1], Path(sys.argv[2]).absolute())
 
 
 if __name__ == "__main__":

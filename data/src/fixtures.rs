@@ -47,7 +47,6 @@ pub fn ensure(name: &str) -> PathBuf {
             .arg(repo_root().join("scripts").join("fixtures.py"))
             .arg(name)
             .arg(&out)
-            .env("FERROTUNE_FIXTURES", &dir)
             .status()
             .expect("run scripts/fixtures.py");
         assert!(status.success(), "building fixture {name} failed ({status})");

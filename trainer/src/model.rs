@@ -172,6 +172,13 @@ impl Llama {
         all
     }
 
+    /// Makes every parameter require gradients (full fine-tuning) or none (inference, frozen base).
+    pub fn set_requires_grad(&self, on: bool) {
+        for (_, t) in self.vs.variables() {
+            let _ = t.set_requires_grad(on);
+        }
+    }
+
     /// Hidden states after the final norm, (B, T, C).
     ///
     /// `input_ids` and `position_ids` are (B, T) int64. `doc_ids` (B, T) marks which document each token

@@ -20,11 +20,12 @@ pub fn inv_freq(rope: &RopeConfig, head_dim: i64, device: Device) -> Tensor {
             let low_freq_wavelen = old / low_freq_factor;
             let high_freq_wavelen = old / high_freq_factor;
             let wavelen = inv.reciprocal() * (2.0 * std::f64::consts::PI);
-            let scaled = wavelen.gt(low_freq_wavelen).where_self(&(&inv / factor), &inv);
+            // tch's `a.where_self(cond, b)` is torch.where(cond, a, b).
+            let scaled = (&inv / factor).where_self(&wavelen.gt(low_freq_wavelen), &inv);
             let smooth = (wavelen.reciprocal() * old - low_freq_factor) / (high_freq_factor - low_freq_factor);
             let smoothed = (smooth.ones_like() - &smooth) * &scaled / factor + &smooth * &scaled;
             let medium = wavelen.lt(high_freq_wavelen).logical_not().logical_and(&wavelen.gt(low_freq_wavelen).logical_not());
-            medium.where_self(&smoothed, &scaled)
+            smoothed.where_self(&medium, &scaled)
         }
     }
 }

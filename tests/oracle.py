@@ -1,0 +1,60 @@
+"""Hugging Face reference computations for ferrotune's tests (the oracle). Tests write their inputs,
+call this script with the project's venv python, and compare ferrotune's numbers with what it writes.
+Everything runs in fp32 on CPU with transformers' default attention.
+
+  oracle.py forward MODEL_DIR IN.safetensors OUT.safetensors [GRAD_PARAM ...]
+      IN holds input_ids (B, T) and optionally position_ids (B, T) and labels (B, T) (unshifted, -100 =
+      ignored; transformers shifts them). OUT gets logits (B, T, V), and with labels: loss (1,) and
+      grad.NAME for each GRAD_PARAM after loss.backward().
+  oracle.py generate MODEL_DIR PROMPTS.json OUT.json MAX_NEW_TOKENS
+      PROMPTS is a list of token-id lists; each is generated greedily on its own (no padding). OUT is the
+      list of generated ids per prompt, cut before the first eos id of the generation config.
+"""
+
+import json
+import sys
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+
+def load(model_dir):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def forward(model_dir, inp, out, *grad_params):
+    t = load_file(inp)
+    model = load(model_dir)
+    kwargs = {k: t[k] for k in ("position_ids", "labels") if k in t}
+    res = model(input_ids=t["input_ids"], **kwargs)
+    result = {"logits": res.logits.detach().float().contiguous()}
+    if "labels" in t:
+        res.loss.backward()
+        result["loss"] = res.loss.detach().reshape(1)
+        params = dict(model.named_parameters())
+        for name in grad_params:
+            result["grad." + name] = params[name].grad.detach().contiguous()
+    save_file(result, out)
+
+
+def generate(model_dir, prompts_path, out, max_new_tokens):
+    model = load(model_dir)
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    outputs = []
+    with torch.no_grad():
+        for prompt in json.load(open(prompts_path)):
+            ids = torch.tensor([prompt])
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=int(max_new_tokens), do_sample=False)
+            new = gen[0, len(prompt):].tolist()
+            cut = next((i for i, tok in enumerate(new) if tok in eos), len(new))
+            outputs.append(new[:cut])
+    json.dump(outputs, open(out, "w"))
+
+
+if __name__ == "__main__":
+    cmd, *args = sys.argv[1:]
+    {"forward": forward, "generate": generate}[cmd](*args)
