@@ -17,16 +17,21 @@ impl Tokenizer {
         if !path.exists() {
             return Err(DataError::Tokenizer {
                 path,
-                msg: "not found; hint: the model directory needs the tokenizer.json of a Hugging Face fast tokenizer".into(),
+                msg: "not found; hint: the model directory needs the tokenizer.json of a Hugging Face fast tokenizer"
+                    .into(),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| DataError::Tokenizer { path: path.clone(), msg: e.to_string() })?;
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| DataError::Tokenizer { path: path.clone(), msg: e.to_string() })?;
         Ok(Tokenizer { inner, path })
     }
 
     /// Token ids of `text`, special tokens written in the text recognised, none added.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| DataError::Tokenizer { path: self.path.clone(), msg: e.to_string() })?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| DataError::Tokenizer { path: self.path.clone(), msg: e.to_string() })?;
         Ok(enc.get_ids().to_vec())
     }
 

@@ -67,7 +67,9 @@ impl RankEnv {
             let nodes = num("SLURM_NNODES")?.unwrap_or(1).max(1);
             let addr = match vars.get("MASTER_ADDR") {
                 Some(a) => a.clone(),
-                None => first_host(vars.get("SLURM_JOB_NODELIST").or(vars.get("SLURM_NODELIST")).map_or("127.0.0.1", |s| s)),
+                None => {
+                    first_host(vars.get("SLURM_JOB_NODELIST").or(vars.get("SLURM_NODELIST")).map_or("127.0.0.1", |s| s))
+                }
             };
             RankEnv {
                 rank,
@@ -150,10 +152,27 @@ mod tests {
 
     #[test]
     fn torchrun_wins_over_slurm_and_defaults_are_single() {
-        let e = RankEnv::from_vars(&vars(&[("RANK", "3"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1"), ("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2")])).unwrap();
+        let e = RankEnv::from_vars(&vars(&[
+            ("RANK", "3"),
+            ("WORLD_SIZE", "4"),
+            ("LOCAL_RANK", "1"),
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "2"),
+        ]))
+        .unwrap();
         assert_eq!((e.rank, e.local_rank, e.world_size, e.source), (3, 1, 4, "torchrun"));
-        let e = RankEnv::from_vars(&vars(&[("SLURM_PROCID", "5"), ("SLURM_NTASKS", "8"), ("SLURM_LOCALID", "1"), ("SLURM_NNODES", "2"), ("SLURM_JOB_NODELIST", "n[01-02]")])).unwrap();
-        assert_eq!((e.rank, e.local_rank, e.world_size, e.local_world_size, e.master_addr.as_str()), (5, 1, 8, 4, "n01"));
+        let e = RankEnv::from_vars(&vars(&[
+            ("SLURM_PROCID", "5"),
+            ("SLURM_NTASKS", "8"),
+            ("SLURM_LOCALID", "1"),
+            ("SLURM_NNODES", "2"),
+            ("SLURM_JOB_NODELIST", "n[01-02]"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            (e.rank, e.local_rank, e.world_size, e.local_world_size, e.master_addr.as_str()),
+            (5, 1, 8, 4, "n01")
+        );
         let e = RankEnv::from_vars(&vars(&[])).unwrap();
         assert_eq!((e.rank, e.world_size, e.source), (0, 1, "single"));
         let err = RankEnv::from_vars(&vars(&[("RANK", "4"), ("WORLD_SIZE", "4")])).unwrap_err();

@@ -54,14 +54,48 @@ pub struct LlamaConfig {
 
 /// Keys read here or known to be irrelevant to the forward pass.
 const KNOWN_KEYS: &[&str] = &[
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "rope_theta",
-    "rope_scaling", "rope_parameters", "tie_word_embeddings", "attention_bias", "mlp_bias",
-    "bos_token_id", "eos_token_id", "pad_token_id", "dtype", "torch_dtype", "hidden_act", "model_type",
-    "architectures", "attention_dropout", "initializer_range", "pretraining_tp", "use_cache",
-    "transformers_version", "_name_or_path", "_model_name_or_path", "unk_token_id", "output_attentions",
-    "output_hidden_states", "return_dict", "is_decoder", "tokenizer_class", "task_specific_params",
-    "id2label", "label2id", "problem_type", "chunk_size_feed_forward", "max_length",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "max_position_embeddings",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "tie_word_embeddings",
+    "attention_bias",
+    "mlp_bias",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "dtype",
+    "torch_dtype",
+    "hidden_act",
+    "model_type",
+    "architectures",
+    "attention_dropout",
+    "initializer_range",
+    "pretraining_tp",
+    "use_cache",
+    "transformers_version",
+    "_name_or_path",
+    "_model_name_or_path",
+    "unk_token_id",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "is_decoder",
+    "tokenizer_class",
+    "task_specific_params",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "chunk_size_feed_forward",
+    "max_length",
 ];
 
 impl LlamaConfig {
@@ -161,8 +195,7 @@ impl LlamaConfig {
     pub fn num_parameters(&self) -> i64 {
         let (c, f, d) = (self.hidden_size, self.intermediate_size, self.head_dim);
         let (h, kv) = (self.num_attention_heads, self.num_key_value_heads);
-        let attn = c * h * d * 2 + c * kv * d * 2
-            + if self.attention_bias { h * d + 2 * kv * d + c } else { 0 };
+        let attn = c * h * d * 2 + c * kv * d * 2 + if self.attention_bias { h * d + 2 * kv * d + c } else { 0 };
         let mlp = 3 * c * f + if self.mlp_bias { 2 * f + c } else { 0 };
         let layer = attn + mlp + 2 * c;
         let emb = self.vocab_size * c;
@@ -171,7 +204,11 @@ impl LlamaConfig {
 }
 
 fn token_ids(v: &Value, path: &Path, key: &str) -> Result<Vec<i64>> {
-    let bad = || Error::Config { path: path.to_owned(), key: key.into(), msg: format!("expected an id or a list of ids, found {v}") };
+    let bad = || Error::Config {
+        path: path.to_owned(),
+        key: key.into(),
+        msg: format!("expected an id or a list of ids, found {v}"),
+    };
     match v {
         Value::Null => Ok(vec![]),
         Value::Number(n) => Ok(vec![n.as_i64().ok_or_else(bad)?]),
@@ -193,7 +230,9 @@ impl Reader<'_> {
         self.obj.get(key).filter(|v| !v.is_null())
     }
     fn i64(&self, key: &str) -> Result<Option<i64>> {
-        self.get(key).map(|v| v.as_i64().ok_or_else(|| self.err(key, format!("expected an integer, found {v}")))).transpose()
+        self.get(key)
+            .map(|v| v.as_i64().ok_or_else(|| self.err(key, format!("expected an integer, found {v}"))))
+            .transpose()
     }
     fn req_i64(&self, key: &str) -> Result<i64> {
         match self.i64(key)? {
@@ -203,14 +242,20 @@ impl Reader<'_> {
         }
     }
     fn f64(&self, key: &str) -> Result<Option<f64>> {
-        self.get(key).map(|v| v.as_f64().ok_or_else(|| self.err(key, format!("expected a number, found {v}")))).transpose()
+        self.get(key)
+            .map(|v| v.as_f64().ok_or_else(|| self.err(key, format!("expected a number, found {v}"))))
+            .transpose()
     }
     fn bool(&self, key: &str) -> Result<Option<bool>> {
-        self.get(key).map(|v| v.as_bool().ok_or_else(|| self.err(key, format!("expected true or false, found {v}")))).transpose()
+        self.get(key)
+            .map(|v| v.as_bool().ok_or_else(|| self.err(key, format!("expected true or false, found {v}"))))
+            .transpose()
     }
     fn str(&self, key: &str) -> Result<Option<String>> {
         self.get(key)
-            .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| self.err(key, format!("expected a string, found {v}"))))
+            .map(|v| {
+                v.as_str().map(str::to_owned).ok_or_else(|| self.err(key, format!("expected a string, found {v}")))
+            })
             .transpose()
     }
 
@@ -230,7 +275,8 @@ impl Reader<'_> {
         let theta = sub.f64("rope_theta")?.or(self.f64("rope_theta")?).unwrap_or(10000.0);
         let kind = sub.str("rope_type")?.or(sub.str("type")?).unwrap_or_else(|| "default".into());
         let num = |name: &str| -> Result<f64> {
-            sub.f64(name)?.ok_or_else(|| self.err(&format!("{key}.{name}"), format!("is required by rope type `{kind}`")))
+            sub.f64(name)?
+                .ok_or_else(|| self.err(&format!("{key}.{name}"), format!("is required by rope type `{kind}`")))
         };
         let scaling = match kind.as_str() {
             "default" => RopeScaling::Default,

@@ -2,6 +2,10 @@
 //! a document of their own so no real token attends to them). It stops each row at its first stop id.
 //! It is not a sampler: no temperature, top-k or beam search.
 
+// For tch tensors `a += b` is the in-place `add_`, which breaks autograd when `a` was saved for
+// backward; `a = a + b` allocates a new tensor, which is what the math needs.
+#![allow(clippy::assign_op_pattern)]
+
 use crate::model::{KvCache, Llama};
 use tch::{Kind, Tensor};
 
@@ -33,7 +37,7 @@ pub fn greedy(model: &Llama, prompts: &[Vec<i64>], max_new_tokens: usize, stop_i
     for _ in 0..max_new_tokens {
         let last = hidden.narrow(1, hidden.size()[1] - 1, 1); // (B, 1, C)
         let next = model.logits(&last).argmax(-1, false); // (B, 1)
-        // Host sync once per step: stopping is decided on the host.
+                                                          // Host sync once per step: stopping is decided on the host.
         let host: Vec<i64> = Vec::<i64>::try_from(next.reshape([-1])).expect("int64 tokens");
         for (row, &tok) in host.iter().enumerate() {
             if done[row] {

@@ -7,6 +7,10 @@
 //! Shapes: B batch rows, T new tokens, S attended keys (cache + new), C hidden size, H attention heads,
 //! K key/value heads, D head dim, F MLP width, V vocabulary, N selected positions.
 
+// For tch tensors `a += b` is the in-place `add_`, which breaks autograd when `a` was saved for
+// backward; `a = a + b` allocates a new tensor, which is what the math needs.
+#![allow(clippy::assign_op_pattern)]
+
 use crate::config::LlamaConfig;
 use crate::rope;
 use tch::nn::{Path, VarStore};
@@ -132,9 +136,21 @@ impl Llama {
                         head_dim: d,
                     },
                     mlp: Mlp {
-                        gate_proj: Linear::new(&(&mp / "gate_proj"), c.hidden_size, c.intermediate_size, c.mlp_bias, kind),
+                        gate_proj: Linear::new(
+                            &(&mp / "gate_proj"),
+                            c.hidden_size,
+                            c.intermediate_size,
+                            c.mlp_bias,
+                            kind,
+                        ),
                         up_proj: Linear::new(&(&mp / "up_proj"), c.hidden_size, c.intermediate_size, c.mlp_bias, kind),
-                        down_proj: Linear::new(&(&mp / "down_proj"), c.intermediate_size, c.hidden_size, c.mlp_bias, kind),
+                        down_proj: Linear::new(
+                            &(&mp / "down_proj"),
+                            c.intermediate_size,
+                            c.hidden_size,
+                            c.mlp_bias,
+                            kind,
+                        ),
                     },
                     input_layernorm: RmsNorm::new(&(&p / "input_layernorm"), c.hidden_size, c.rms_norm_eps, kind),
                     post_attention_layernorm: RmsNorm::new(
@@ -261,16 +277,8 @@ impl Attention {
         // Without a mask and without a cache the rows are single documents: plain causal attention,
         // which lets libtorch pick its fused kernels.
         let is_causal = mask.is_none();
-        let y = Tensor::scaled_dot_product_attention(
-            &q,
-            &key,
-            &value,
-            mask,
-            0.0,
-            is_causal,
-            (d as f64).powf(-0.5),
-            k != h,
-        ); // (B, H, T, D)
+        let y =
+            Tensor::scaled_dot_product_attention(&q, &key, &value, mask, 0.0, is_causal, (d as f64).powf(-0.5), k != h); // (B, H, T, D)
         self.o_proj.forward(&y.transpose(1, 2).reshape([b, t, h * d]))
     }
 }

@@ -9,7 +9,8 @@ use tch::{Device, Kind, Tensor};
 /// Inverse frequencies, shape (D/2,), fp32.
 pub fn inv_freq(rope: &RopeConfig, head_dim: i64, device: Device) -> Tensor {
     // 1 / theta^(arange(0, D, 2) / D), as transformers' `_compute_default_rope_parameters`.
-    let exponent = Tensor::arange_start_step(0, head_dim, 2, (Kind::Int64, device)).to_kind(Kind::Float) / head_dim as f64;
+    let exponent =
+        Tensor::arange_start_step(0, head_dim, 2, (Kind::Int64, device)).to_kind(Kind::Float) / head_dim as f64;
     let inv = Tensor::pow_scalar(rope.theta, &exponent).reciprocal();
     match rope.scaling {
         RopeScaling::Default => inv,
@@ -24,7 +25,8 @@ pub fn inv_freq(rope: &RopeConfig, head_dim: i64, device: Device) -> Tensor {
             let scaled = (&inv / factor).where_self(&wavelen.gt(low_freq_wavelen), &inv);
             let smooth = (wavelen.reciprocal() * old - low_freq_factor) / (high_freq_factor - low_freq_factor);
             let smoothed = (smooth.ones_like() - &smooth) * &scaled / factor + &smooth * &scaled;
-            let medium = wavelen.lt(high_freq_wavelen).logical_not().logical_and(&wavelen.gt(low_freq_wavelen).logical_not());
+            let medium =
+                wavelen.lt(high_freq_wavelen).logical_not().logical_and(&wavelen.gt(low_freq_wavelen).logical_not());
             smoothed.where_self(&medium, &scaled)
         }
     }

@@ -77,7 +77,8 @@ pub fn load(model: &Llama, dir: &Path) -> Result<()> {
             return Err(Error::Tensor {
                 path: listing,
                 tensor: name.clone(),
-                msg: "missing from the checkpoint; hint: is this a checkpoint of the architecture in config.json?".into(),
+                msg: "missing from the checkpoint; hint: is this a checkpoint of the architecture in config.json?"
+                    .into(),
             });
         }
     }
@@ -87,8 +88,9 @@ pub fn load(model: &Llama, dir: &Path) -> Result<()> {
             return Err(Error::Tensor {
                 path: listing,
                 tensor: name.clone(),
-                msg: "is not a parameter of this Llama (unexpected tensor); hint: check config.json against the weights"
-                    .into(),
+                msg:
+                    "is not a parameter of this Llama (unexpected tensor); hint: check config.json against the weights"
+                        .into(),
             });
         }
     }
@@ -123,7 +125,11 @@ pub fn load(model: &Llama, dir: &Path) -> Result<()> {
                 });
             }
             let src = tensor_of_view(&view, &path, name)?;
-            var.shallow_clone().f_copy_(&src).map_err(|e| Error::Tensor { path: path.clone(), tensor: name.into(), msg: e.to_string() })?;
+            var.shallow_clone().f_copy_(&src).map_err(|e| Error::Tensor {
+                path: path.clone(),
+                tensor: name.into(),
+                msg: e.to_string(),
+            })?;
             loaded.insert(key.as_str(), ());
         }
     }
@@ -147,7 +153,9 @@ fn map_file(path: &Path) -> Result<memmap2::Mmap> {
 fn deserialize<'a>(bytes: &'a [u8], path: &Path) -> Result<SafeTensors<'a>> {
     SafeTensors::deserialize(bytes).map_err(|e| Error::Checkpoint {
         path: path.to_owned(),
-        msg: format!("not a valid safetensors file ({e}); hint: the file is truncated or corrupt, re-download or re-save it"),
+        msg: format!(
+            "not a valid safetensors file ({e}); hint: the file is truncated or corrupt, re-download or re-save it"
+        ),
     })
 }
 
@@ -186,7 +194,7 @@ pub fn tensor_of_view(view: &TensorView<'_>, path: &Path, name: &str) -> Result<
     let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
     let data = view.data();
     let elt = kind.elt_size_in_bytes();
-    if (data.as_ptr() as usize) % elt == 0 {
+    if (data.as_ptr() as usize).is_multiple_of(elt) {
         let mut strides = vec![1i64; shape.len()];
         for i in (0..shape.len().saturating_sub(1)).rev() {
             strides[i] = strides[i + 1] * shape[i + 1];
@@ -254,7 +262,10 @@ pub fn save_tensors(dir: &Path, tensors: &[(String, Tensor)], kind: Kind, max_sh
 /// safetensors in `kind`, index and `config.json`. The directory appears complete or not at all.
 pub fn save_pretrained(model: &Llama, dir: &Path, kind: Kind, max_shard_bytes: usize) -> Result<()> {
     if dir.exists() {
-        return Err(Error::Checkpoint { path: dir.to_owned(), msg: "already exists; hint: choose a new output directory".into() });
+        return Err(Error::Checkpoint {
+            path: dir.to_owned(),
+            msg: "already exists; hint: choose a new output directory".into(),
+        });
     }
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.with_file_name(format!(".{name}.partial"));

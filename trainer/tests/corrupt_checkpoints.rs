@@ -59,7 +59,10 @@ fn tensor_missing_from_index() {
         v["weight_map"].as_object_mut().unwrap().remove("model.layers.1.mlp.up_proj.weight");
     });
     let e = error(&dir);
-    assert!(e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("missing") && e.contains(weights::INDEX), "{e}");
+    assert!(
+        e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("missing") && e.contains(weights::INDEX),
+        "{e}"
+    );
 }
 
 #[test]

@@ -118,7 +118,12 @@ fn tiny_llama_masked_loss_and_gradients_equal_transformers() {
 fn tiny_llama_with_biases_gradients_equal_transformers() {
     check_loss_and_grads(
         "tiny-llama-bias",
-        &["model.embed_tokens.weight", "model.layers.0.self_attn.v_proj.bias", "model.layers.1.mlp.up_proj.bias", "model.layers.2.input_layernorm.weight"],
+        &[
+            "model.embed_tokens.weight",
+            "model.layers.0.self_attn.v_proj.bias",
+            "model.layers.1.mlp.up_proj.bias",
+            "model.layers.2.input_layernorm.weight",
+        ],
     );
 }
 

@@ -1,0 +1,79 @@
+//! `ferrotune generate`: loads a model, renders each `--chat` question through the model's chat
+//! template, decodes greedily in one batch and prints the answers.
+
+use anyhow::{Context, Result};
+use ferrotune_data::{ChatTemplate, Message, Tokenizer};
+use ferrotune_trainer::{generate, load_model, parse_kind};
+use std::path::PathBuf;
+use std::time::Instant;
+use tch::Device;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Hugging Face model directory with tokenizer.json and a chat template.
+    #[arg(long)]
+    model: PathBuf,
+    /// A user message to answer; repeat the flag to answer several in one batch.
+    #[arg(long, required = true)]
+    chat: Vec<String>,
+    /// Optional system message placed before each question.
+    #[arg(long)]
+    system: Option<String>,
+    /// Stop after this many new tokens per answer.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Compute dtype: fp32 or bf16.
+    #[arg(long, default_value = "fp32")]
+    dtype: String,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => Ok(Device::Cuda(n)),
+            None => anyhow::bail!("unknown device `{other}`; expected cpu, cuda or cuda:N"),
+        },
+    }
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let kind = parse_kind(&args.dtype)?;
+    let device = parse_device(&args.device)?;
+    if let Device::Cuda(n) = device {
+        anyhow::ensure!(
+            tch::Cuda::is_available() && (n as i64) < tch::Cuda::device_count(),
+            "device cuda:{n} is not available (libtorch sees {} CUDA devices)",
+            tch::Cuda::device_count()
+        );
+    }
+    let t0 = Instant::now();
+    let model = load_model(&args.model, kind, device).context("loading the model")?;
+    let tokenizer = Tokenizer::from_dir(&args.model)?;
+    let template = ChatTemplate::from_dir(&args.model)?;
+    eprintln!("loaded {} in {:.1}s", args.model.display(), t0.elapsed().as_secs_f64());
+    let mut prompts = vec![];
+    for q in &args.chat {
+        let mut messages = vec![];
+        if let Some(s) = &args.system {
+            messages.push(Message::new("system", s));
+        }
+        messages.push(Message::new("user", q));
+        let text = template.render(&messages, true)?;
+        prompts.push(tokenizer.encode(&text)?.into_iter().map(i64::from).collect::<Vec<_>>());
+    }
+    let t1 = Instant::now();
+    let outputs = generate::greedy(&model, &prompts, args.max_new_tokens, &model.config.eos_token_ids);
+    let new_tokens: usize = outputs.iter().map(Vec::len).sum();
+    for (q, out) in args.chat.iter().zip(&outputs) {
+        let ids: Vec<u32> = out.iter().map(|&t| t as u32).collect();
+        println!("user: {q}\nassistant: {}\n", tokenizer.decode(&ids)?.trim());
+    }
+    let secs = t1.elapsed().as_secs_f64();
+    eprintln!("generated {new_tokens} tokens in {secs:.1}s ({:.1} tokens/s)", new_tokens as f64 / secs);
+    Ok(())
+}
