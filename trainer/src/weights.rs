@@ -109,7 +109,15 @@ pub fn load(model: &Llama, dir: &Path) -> Result<()> {
         }
         let mmap = map_file(&path)?;
         let st = deserialize(&mmap, &path)?;
-        for (name, view) in st.iter() {
+        // Sorted, so that the first problem reported is the same on every run.
+        let mut names = st.names();
+        names.sort();
+        for name in names {
+            let view = st.tensor(name).map_err(|e| Error::Tensor {
+                path: path.clone(),
+                tensor: name.into(),
+                msg: e.to_string(),
+            })?;
             // A tensor the index places in another shard is skipped here: the index is authoritative.
             if files.weight_map.get(name).map(String::as_str) != Some(shard.as_str()) {
                 continue;

@@ -95,7 +95,12 @@ fn shape_mismatch() {
     let (_t, dir) = copy();
     edit_json(&dir.join("config.json"), |v| v["intermediate_size"] = 128.into());
     let e = error(&dir);
-    assert!(e.contains("mlp.") && e.contains("shape [160, 64] in the file") && e.contains(".safetensors"), "{e}");
+    // Sorted order makes the first offender the down projection of layer 0: [64, 160] on disk.
+    assert!(
+        e.contains("model.layers.0.mlp.down_proj") && e.contains("shape [") && e.contains("config.json implies"),
+        "{e}"
+    );
+    assert!(e.contains("160") && e.contains("128") && e.contains(".safetensors"), "{e}");
 }
 
 #[test]
