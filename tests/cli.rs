@@ -70,3 +70,18 @@ fn errors_name_the_problem_and_exit_nonzero() {
     let o = ferrotune(&["generate", "--model", "x", "--chat", "hi", "--dtype", "fp8"]);
     assert!(text(&o).1.contains("unknown dtype `fp8`"));
 }
+
+#[test]
+fn front_binary_links_no_libtorch_and_worker_finds_it_by_run_path() {
+    let needed = |bin: &str| {
+        let o = Command::new("readelf").args(["-d", bin]).output().expect("readelf (binutils) is installed");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let front = needed(env!("CARGO_BIN_EXE_ferrotune"));
+    assert!(!front.contains("libtorch") && !front.contains("libc10"), "{front}");
+    let worker = needed(env!("CARGO_BIN_EXE_ferrotune-worker"));
+    assert!(
+        worker.contains("libtorch_cpu.so") && worker.contains("RUNPATH") && worker.contains("torch/lib"),
+        "{worker}"
+    );
+}

@@ -1,6 +1,6 @@
 """Hugging Face reference computations for ferrotune's tests (the oracle). Tests write their inputs,
 call this script with the project's venv python, and compare ferrotune's numbers with what it writes.
-Everything runs in fp32 on CPU with transformers' default attention.
+Everything runs on CPU with transformers' default attention, in fp32 unless ORACLE_DTYPE=bfloat16.
 
   oracle.py forward MODEL_DIR IN.safetensors OUT.safetensors [GRAD_PARAM ...]
       IN holds input_ids (B, T) and optionally position_ids (B, T) and labels (B, T) (unshifted, -100 =
@@ -12,6 +12,7 @@ Everything runs in fp32 on CPU with transformers' default attention.
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -20,7 +21,8 @@ from transformers import AutoModelForCausalLM
 
 
 def load(model_dir):
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    dtype = getattr(torch, os.environ.get("ORACLE_DTYPE", "float32"))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model.eval()
     return model
 

@@ -33,6 +33,3 @@ pub fn parse_kind(name: &str) -> Result<Kind> {
         other => Err(Error::Invalid(format!("unknown dtype `{other}`; expected fp32 or bf16"))),
     }
 }
-
-/// The directory libtorch was linked from at build time (baked in as the binary's run path).
-pub const LIBTORCH_LIB: Option<&str> = option_env!("FERROTUNE_LIBTORCH_LIB");

@@ -203,3 +203,20 @@ fn batched_greedy_generation_equals_transformers_on_smollm2() {
     let first = tokenizer.decode(&ours[0].iter().map(|&t| t as u32).collect::<Vec<_>>()).unwrap();
     assert!(first.contains("Paris"), "{first}");
 }
+
+#[test]
+fn bf16_compute_equals_transformers_bf16() {
+    // Both sides compute in bf16 (norms and rope tables in fp32, as transformers does). A dtype bug
+    // (a norm without the fp32 upcast, bf16 rope tables) moves logits by 1e-1 or more; the fp32 model
+    // itself is 4e-2 away, so the bound sits below that.
+    let dir = fixture("tiny-llama");
+    let model = load_model(&dir, Kind::BFloat16, Device::Cpu).unwrap();
+    assert_eq!(model.embed_tokens.kind(), Kind::BFloat16);
+    let input = batch(model.config.vocab_size, 2, 24, 3);
+    let ours = tch::no_grad(|| model.logits(&model.forward(&input, &positions(2, 24), None, None)));
+    assert_eq!(ours.kind(), Kind::BFloat16);
+    let hf = hf_forward_in(&dir, &[("input_ids", &input)], &[], "bfloat16");
+    let diff = max_abs_diff(&ours, &hf["logits"]);
+    println!("bf16: max |logits - transformers bf16| = {diff:.3e}");
+    assert!(diff < 1e-2, "{diff}");
+}

@@ -25,20 +25,35 @@ pub fn ids(n: usize, lo: i64, hi: i64, seed: u64) -> Vec<i64> {
 
 /// Runs `python tests/oracle.py ARGS...` and panics with its output when it fails.
 pub fn oracle(args: &[&str]) {
+    oracle_in(args, "float32")
+}
+
+/// `oracle` with the model loaded in `dtype` ("float32" or "bfloat16").
+pub fn oracle_in(args: &[&str], dtype: &str) {
     let script = fixtures::repo_root().join("tests").join("oracle.py");
-    let out = std::process::Command::new(fixtures::python()).arg(&script).args(args).output().expect("run oracle.py");
+    let out = std::process::Command::new(fixtures::python())
+        .arg(&script)
+        .args(args)
+        .env("ORACLE_DTYPE", dtype)
+        .output()
+        .expect("run oracle.py");
     assert!(out.status.success(), "oracle.py {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// transformers' forward on `inputs`, returning every tensor the oracle wrote.
 pub fn hf_forward(model: &Path, inputs: &[(&str, &Tensor)], grads: &[&str]) -> HashMap<String, Tensor> {
+    hf_forward_in(model, inputs, grads, "float32")
+}
+
+/// `hf_forward` with the model in `dtype`.
+pub fn hf_forward_in(model: &Path, inputs: &[(&str, &Tensor)], grads: &[&str], dtype: &str) -> HashMap<String, Tensor> {
     let dir = tempfile::tempdir().unwrap();
     let inp = dir.path().join("in.safetensors");
     let out = dir.path().join("out.safetensors");
     Tensor::write_safetensors(inputs, &inp).unwrap();
     let mut args = vec!["forward", model.to_str().unwrap(), inp.to_str().unwrap(), out.to_str().unwrap()];
     args.extend_from_slice(grads);
-    oracle(&args);
+    oracle_in(&args, dtype);
     Tensor::read_safetensors(&out).unwrap().into_iter().collect()
 }
 

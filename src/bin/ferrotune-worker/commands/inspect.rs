@@ -2,17 +2,11 @@
 //! only (no weights are loaded, so it is instant on any size of model).
 
 use anyhow::{Context, Result};
+use ferrotune::cli::InspectArgs;
 use ferrotune_trainer::{config::RopeScaling, weights, LlamaConfig};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
-#[derive(clap::Args)]
-pub struct Args {
-    /// Hugging Face model directory (config.json + model.safetensors or an index with shards).
-    model_dir: PathBuf,
-}
-
-pub fn run(args: Args) -> Result<()> {
+pub fn run(args: InspectArgs) -> Result<()> {
     let dir = &args.model_dir;
     let cfg = LlamaConfig::from_dir(dir)?;
     let files = weights::checkpoint_files(dir)?;

@@ -2,33 +2,11 @@
 //! template, decodes greedily in one batch and prints the answers.
 
 use anyhow::{Context, Result};
+use ferrotune::cli::GenerateArgs;
 use ferrotune_data::{ChatTemplate, Message, Tokenizer};
 use ferrotune_trainer::{generate, load_model, parse_kind};
-use std::path::PathBuf;
 use std::time::Instant;
 use tch::Device;
-
-#[derive(clap::Args)]
-pub struct Args {
-    /// Hugging Face model directory with tokenizer.json and a chat template.
-    #[arg(long)]
-    model: PathBuf,
-    /// A user message to answer; repeat the flag to answer several in one batch.
-    #[arg(long, required = true)]
-    chat: Vec<String>,
-    /// Optional system message placed before each question.
-    #[arg(long)]
-    system: Option<String>,
-    /// Stop after this many new tokens per answer.
-    #[arg(long, default_value_t = 64)]
-    max_new_tokens: usize,
-    /// Compute dtype: fp32 or bf16.
-    #[arg(long, default_value = "fp32")]
-    dtype: String,
-    /// Device: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-}
 
 pub fn parse_device(s: &str) -> Result<Device> {
     match s {
@@ -41,7 +19,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
     }
 }
 
-pub fn run(args: Args) -> Result<()> {
+pub fn run(args: GenerateArgs) -> Result<()> {
     let kind = parse_kind(&args.dtype)?;
     let device = parse_device(&args.device)?;
     if let Device::Cuda(n) = device {

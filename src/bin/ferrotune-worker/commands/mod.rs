@@ -1,0 +1,14 @@
+//! Subcommands that need libtorch; they run inside `ferrotune-worker`.
+
+pub mod generate;
+pub mod inspect;
+
+use ferrotune::cli::Command;
+
+/// Runs a libtorch command.
+pub fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Inspect(args) => inspect::run(args),
+        Command::Generate(args) => generate::run(args),
+    }
+}

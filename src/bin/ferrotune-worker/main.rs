@@ -1,0 +1,13 @@
+//! `ferrotune-worker`: the libtorch-linked half of ferrotune. Users run `ferrotune`, which starts this
+//! binary with the same arguments for commands that run models; it can also be started directly.
+
+use clap::Parser;
+use ferrotune::cli::Cli;
+use std::process::ExitCode;
+
+mod commands;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    ferrotune::front::report(commands::run(cli.command))
+}

@@ -1,0 +1,78 @@
+//! What the front binary does before any model code runs: finds libtorch and the worker binary and
+//! hands libtorch commands over to it (exec, same arguments), so that a missing libtorch is a clear
+//! error instead of the dynamic loader's message. It links no libtorch itself.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+/// Directory libtorch was linked from when ferrotune was built (the worker's run path).
+pub const LIBTORCH_LIB: Option<&str> = option_env!("FERROTUNE_LIBTORCH_LIB");
+
+pub const WORKER: &str = "ferrotune-worker";
+
+/// Checks that libtorch is where the build found it (`dir`, normally `LIBTORCH_LIB`).
+pub fn check_libtorch(dir: Option<&str>) -> Result<PathBuf> {
+    let Some(dir) = dir else {
+        bail!("this ferrotune was built without libtorch; hint: build it with scripts/setup (or scripts/cargo build --release)")
+    };
+    let dir = PathBuf::from(dir);
+    if !dir.join("libtorch_cpu.so").exists() {
+        bail!(
+            "libtorch is missing: ferrotune was built against {} (torch 2.13.0 from the Python environment), which no longer holds libtorch_cpu.so\nhint: run scripts/setup to reinstall it, or rebuild ferrotune against another torch 2.13.0 installation",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
+/// The worker binary beside the running one.
+pub fn worker_path() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the running ferrotune binary")?;
+    let worker = exe.parent().unwrap_or(Path::new(".")).join(WORKER);
+    if !worker.exists() {
+        bail!(
+            "{} not found next to {}; hint: install both binaries (cargo build --release builds them together)",
+            WORKER,
+            exe.display()
+        );
+    }
+    Ok(worker)
+}
+
+/// Replaces this process with the worker, passing the same arguments. Returns only on failure.
+pub fn exec_worker() -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    check_libtorch(LIBTORCH_LIB)?;
+    let worker = worker_path()?;
+    let err = std::process::Command::new(&worker).args(std::env::args_os().skip(1)).exec();
+    Err(err).with_context(|| format!("starting {}", worker.display()))
+}
+
+/// Prints the whole error chain and turns the result into the process exit code.
+pub fn report(result: Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_libtorch_is_a_clear_error() {
+        let err = check_libtorch(Some("/nonexistent/torch/lib")).unwrap_err().to_string();
+        assert!(err.starts_with("libtorch is missing: ferrotune was built against /nonexistent/torch/lib"), "{err}");
+        assert!(err.contains("hint: run scripts/setup"), "{err}");
+        assert!(check_libtorch(None).unwrap_err().to_string().contains("built without libtorch"));
+        // The build's own libtorch passes.
+        assert!(check_libtorch(LIBTORCH_LIB).is_ok());
+    }
+}
