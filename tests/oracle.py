@@ -9,6 +9,10 @@ Everything runs on CPU with transformers' default attention, in fp32 unless ORAC
   oracle.py generate MODEL_DIR PROMPTS.json OUT.json MAX_NEW_TOKENS
       PROMPTS is a list of token-id lists; each is generated greedily on its own (no padding). OUT is the
       list of generated ids per prompt, cut before the first eos id of the generation config.
+  oracle.py chat TOKENIZER_DIR TEMPLATE CONVERSATIONS.json OUT.json
+      For each conversation (a list of {role, content}): transformers' apply_chat_template text
+      (tokenize=False) and ids (tokenize=True), and `assistant_masks` when the template has
+      {% generation %} blocks. TEMPLATE is `own` (the tokenizer's) or a path to a Jinja file.
 """
 
 import json
@@ -57,6 +61,25 @@ def generate(model_dir, prompts_path, out, max_new_tokens):
     json.dump(outputs, open(out, "w"))
 
 
+def chat(tokenizer_dir, template, conversations_path, out):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    source = None if template == "own" else open(template).read()
+    generation = source is not None and "{% generation" in source.replace("{%-", "{%")
+    results = []
+    for messages in json.load(open(conversations_path)):
+        text = tok.apply_chat_template(messages, chat_template=source, tokenize=False)
+        enc = tok.apply_chat_template(
+            messages, chat_template=source, tokenize=True, return_dict=True, return_assistant_tokens_mask=generation
+        )
+        item = {"text": text, "ids": list(enc["input_ids"])}
+        if generation:
+            item["assistant_masks"] = list(enc["assistant_masks"])
+        results.append(item)
+    json.dump(results, open(out, "w"), ensure_ascii=False)
+
+
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
-    {"forward": forward, "generate": generate}[cmd](*args)
+    {"forward": forward, "generate": generate, "chat": chat}[cmd](*args)

@@ -1,8 +1,11 @@
 //! ferrotune's data crate: conversation formats, chat templates, tokenization, masking and packing. It
 //! does not depend on tch; it produces token ids and labels that the trainer consumes.
 
+pub mod encode;
 pub mod error;
 pub mod fixtures;
+pub mod mask;
+pub mod record;
 pub mod template;
 pub mod tokenizer;
 

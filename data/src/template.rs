@@ -1,13 +1,45 @@
 //! Chat templates: the model's own Jinja template (`chat_template` in tokenizer_config.json, or
 //! `chat_template.jinja`) rendered with minijinja the way transformers' `apply_chat_template` renders it
 //! (trim_blocks + lstrip_blocks, Python string methods, `raise_exception`, `strftime_now`, and a `tojson`
-//! that prints like Python's `json.dumps`). It renders text only; tokenization and role spans are
-//! elsewhere.
+//! that prints like Python's `json.dumps`), plus built-in `llama3` and `chatml` templates for tokenizers
+//! that ship none. `render_spans` also locates every message's content in the rendered text (one render
+//! with sentinel contents, one real render, aligned) and the `{% generation %}` spans that transformers
+//! uses for `return_assistant_tokens_mask` (the tags are rewritten to marker characters, then stripped).
+//! It renders text only; tokenization and token tags are in `encode`.
 
 use crate::error::{DataError, Result};
+use crate::record::ChatMessage;
 use minijinja::{Environment, Error as JinjaError, ErrorKind, Value};
 use serde::Serialize;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+
+/// The Llama 3 Instruct template (as shipped in Meta-Llama-3-8B-Instruct's tokenizer_config.json).
+pub const LLAMA3: &str = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
+
+/// ChatML (`<|im_start|>role\ncontent<|im_end|>\n`), without an injected system prompt.
+pub const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// Marker characters that `{% generation %}` / `{% endgeneration %}` are rewritten to (Unicode
+/// noncharacters: never produced by a tokenizer's text, and rejected in message content).
+const GEN_START: char = '\u{10FFFE}';
+const GEN_END: char = '\u{10FFFF}';
+
+/// Sentinel content of message `i` in the probe render: one character of Supplementary Private Use
+/// Area-A, which no template transforms (trim, lower, ...) in a way that changes it.
+fn sentinel(i: usize) -> String {
+    char::from_u32(0xF0000 + i as u32).expect("fewer than 65534 messages").to_string()
+}
+
+/// Text rendered by a chat template, with where each message's content landed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rendered {
+    pub text: String,
+    /// Byte range of each message's content in `text` (as rendered: possibly trimmed by the template).
+    pub content: Vec<Range<usize>>,
+    /// Byte ranges inside `{% generation %}` blocks, when the template has them.
+    pub generation: Vec<Range<usize>>,
+}
 
 /// One chat message as templates see it.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
@@ -30,9 +62,35 @@ pub struct ChatTemplate {
     pub origin: PathBuf,
     pub bos_token: String,
     pub eos_token: String,
+    /// Whether the template marks assistant output with `{% generation %}` blocks.
+    pub has_generation: bool,
 }
 
 impl ChatTemplate {
+    /// Picks the template: `auto` (the model's own), `llama3` or `chatml` (built in), or a path to a
+    /// `.jinja` file. Special-token strings come from `dir`'s tokenizer_config.json either way.
+    pub fn load(dir: &Path, choice: &str) -> Result<Self> {
+        if choice == "auto" {
+            return Self::from_dir(dir).map_err(|e| match e {
+                DataError::At { path, msg } if msg.contains("ships no chat template") => DataError::At {
+                    path,
+                    msg: format!("{msg} (--template llama3 or --template chatml, or a .jinja file)"),
+                },
+                other => other,
+            });
+        }
+        let (bos, eos) = special_tokens(dir)?;
+        let (source, origin) = match choice {
+            "llama3" => (LLAMA3.to_owned(), PathBuf::from("<built-in llama3>")),
+            "chatml" => (CHATML.to_owned(), PathBuf::from("<built-in chatml>")),
+            path => {
+                let p = PathBuf::from(path);
+                (std::fs::read_to_string(&p).map_err(DataError::io(&p))?, p)
+            }
+        };
+        Self::new(source, origin, bos, eos)
+    }
+
     /// Loads the template of the tokenizer directory `dir`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let cfg_path = dir.join("tokenizer_config.json");
@@ -64,14 +122,8 @@ impl ChatTemplate {
                 }
             }
         };
-        let token = |key: &str| -> String {
-            match cfg.get(key) {
-                Some(serde_json::Value::String(s)) => s.clone(),
-                Some(v) => v.get("content").and_then(|c| c.as_str()).unwrap_or_default().to_owned(),
-                None => String::new(),
-            }
-        };
-        Self::new(source, origin, token("bos_token"), token("eos_token"))
+        let (bos, eos) = special_tokens(dir)?;
+        Self::new(source, origin, bos, eos)
     }
 
     /// Compiles `source`; `origin` names it in errors.
@@ -87,13 +139,40 @@ impl ChatTemplate {
             Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_function("strftime_now", strftime_now);
-        env.add_template_owned("chat", source.clone())
+        let (rewritten, has_generation) = rewrite_generation(&source);
+        env.add_template_owned("chat", rewritten)
             .map_err(|e| DataError::at(&origin, format!("chat template does not compile: {e}")))?;
-        Ok(ChatTemplate { env, source, origin, bos_token, eos_token })
+        Ok(ChatTemplate { env, source, origin, bos_token, eos_token, has_generation })
     }
 
     /// Renders `messages` as transformers does; `add_generation_prompt` appends the assistant header.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        Ok(strip_generation(&self.render_raw(messages, add_generation_prompt)?).0)
+    }
+
+    /// Renders a conversation for training and locates every content and generation span.
+    pub fn render_spans(&self, messages: &[ChatMessage]) -> Result<Rendered> {
+        let real: Vec<Message> = messages.iter().map(|m| Message::new(m.role.as_str(), &m.content)).collect();
+        if let Some((i, _)) = real.iter().enumerate().find(|(_, m)| m.content.contains([GEN_START, GEN_END])) {
+            return Err(DataError::at(
+                &self.origin,
+                format!("messages[{i}] contains the Unicode noncharacters U+10FFFE/U+10FFFF, which ferrotune reserves"),
+            ));
+        }
+        let (text, generation) = strip_generation(&self.render_raw(&real, false)?);
+        let probe: Vec<Message> =
+            messages.iter().enumerate().map(|(i, m)| Message::new(m.role.as_str(), &sentinel(i))).collect();
+        let (probe_text, _) = strip_generation(&self.render_raw(&probe, false)?);
+        let content = align(&text, &probe_text, messages).ok_or_else(|| {
+            DataError::at(
+                &self.origin,
+                "cannot locate message contents in the rendered text: the template changes contents in more ways than trimming them, or renders some messages conditionally on their content; hint: use a built-in template (--template llama3|chatml)",
+            )
+        })?;
+        Ok(Rendered { text, content, generation })
+    }
+
+    fn render_raw(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let tmpl = self.env.get_template("chat").expect("template was added");
         let ctx = minijinja::context! {
             messages => Value::from(minijinja::value::Serde(messages)),
@@ -228,6 +307,126 @@ pub fn format_utc(secs: i64, format: &str) -> String {
         }
     }
     out
+}
+
+/// bos/eos token strings of a tokenizer directory (plain strings or AddedToken objects).
+fn special_tokens(dir: &Path) -> Result<(String, String)> {
+    let path = dir.join("tokenizer_config.json");
+    if !path.exists() {
+        return Ok((String::new(), String::new()));
+    }
+    let text = std::fs::read_to_string(&path).map_err(DataError::io(&path))?;
+    let cfg: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| DataError::at(&path, format!("invalid JSON: {e}")))?;
+    let token = |key: &str| -> String {
+        match cfg.get(key) {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(v) => v.get("content").and_then(|c| c.as_str()).unwrap_or_default().to_owned(),
+            None => String::new(),
+        }
+    };
+    Ok((token("bos_token"), token("eos_token")))
+}
+
+/// Rewrites `{%- generation -%}` / `{% endgeneration %}` (any whitespace control) into block tags that
+/// print a marker, keeping the original whitespace control so trim_blocks/lstrip_blocks act the same.
+fn rewrite_generation(source: &str) -> (String, bool) {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    let mut found = false;
+    while let Some(at) = rest.find("{%") {
+        out.push_str(&rest[..at]);
+        let tag = &rest[at..];
+        let Some(close) = tag.find("%}") else {
+            out.push_str(tag);
+            return (out, found);
+        };
+        let inner = &tag[2..close];
+        let (lead, body) = match inner.chars().next() {
+            Some(c @ ('-' | '+')) => (c.to_string(), &inner[1..]),
+            _ => (String::new(), inner),
+        };
+        let (body, trail) = match body.trim_end().chars().last() {
+            Some(c @ ('-' | '+')) => (&body.trim_end()[..body.trim_end().len() - 1], c.to_string()),
+            _ => (body, String::new()),
+        };
+        let marker = match body.trim() {
+            "generation" => Some(GEN_START),
+            "endgeneration" => Some(GEN_END),
+            _ => None,
+        };
+        match marker {
+            Some(m) => {
+                found = true;
+                out.push_str(&format!("{{%{lead} if true %}}{{{{ '{m}' }}}}{{% endif {trail}%}}"));
+            }
+            None => out.push_str(&tag[..close + 2]),
+        }
+        rest = &tag[close + 2..];
+    }
+    out.push_str(rest);
+    (out, found)
+}
+
+/// Removes generation markers, returning the clean text and the byte ranges they enclosed.
+fn strip_generation(text: &str) -> (String, Vec<Range<usize>>) {
+    if !text.contains([GEN_START, GEN_END]) {
+        return (text.to_owned(), vec![]);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut spans = vec![];
+    let mut start = None;
+    for c in text.chars() {
+        match c {
+            GEN_START => start = Some(out.len()),
+            GEN_END => {
+                if let Some(s) = start.take() {
+                    if s < out.len() {
+                        spans.push(s..out.len());
+                    }
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    (out, spans)
+}
+
+/// Aligns the real render with the sentinel render: the text between sentinels is template text and
+/// must appear verbatim in the real render, with each message's content (or its trimmed form) between.
+fn align(text: &str, probe: &str, messages: &[ChatMessage]) -> Option<Vec<Range<usize>>> {
+    let mut segments = Vec::with_capacity(messages.len() + 1);
+    let mut pos = 0;
+    for i in 0..messages.len() {
+        let s = sentinel(i);
+        if probe.matches(s.as_str()).count() != 1 {
+            return None;
+        }
+        let at = pos + probe[pos..].find(s.as_str())?;
+        segments.push(&probe[pos..at]);
+        pos = at + s.len();
+    }
+    segments.push(&probe[pos..]);
+    let mut cur = segments[0].len();
+    if !text.starts_with(segments[0]) {
+        return None;
+    }
+    let mut spans = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        let next = segments[i + 1];
+        let last = i + 1 == messages.len();
+        let c = m.content.as_str();
+        let found = [c, c.trim(), c.trim_start(), c.trim_end()].into_iter().find(|cand| {
+            let rest = &text[cur..];
+            rest.starts_with(cand)
+                && rest[cand.len()..].starts_with(next)
+                && (!last || rest.len() == cand.len() + next.len())
+        })?;
+        // Position of the rendered content inside the real text.
+        spans.push(cur..cur + found.len());
+        cur += found.len() + next.len();
+    }
+    (cur == text.len()).then_some(spans)
 }
 
 #[cfg(test)]

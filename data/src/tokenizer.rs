@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 pub struct Tokenizer {
     pub inner: tokenizers::Tokenizer,
     pub path: PathBuf,
+    /// `eos_token` of tokenizer_config.json.
+    eos: Option<String>,
 }
 
 impl Tokenizer {
@@ -23,7 +25,15 @@ impl Tokenizer {
         }
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| DataError::Tokenizer { path: path.clone(), msg: e.to_string() })?;
-        Ok(Tokenizer { inner, path })
+        let cfg = dir.join("tokenizer_config.json");
+        let eos = std::fs::read_to_string(&cfg)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| match v.get("eos_token")? {
+                serde_json::Value::String(s) => Some(s.clone()),
+                o => o.get("content")?.as_str().map(str::to_owned),
+            });
+        Ok(Tokenizer { inner, path, eos })
     }
 
     /// Token ids of `text`, special tokens written in the text recognised, none added.
@@ -33,6 +43,29 @@ impl Tokenizer {
             .encode(text, false)
             .map_err(|e| DataError::Tokenizer { path: self.path.clone(), msg: e.to_string() })?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Ids with byte offsets into `text`, special tokens recognised, none added.
+    pub fn encode_offsets(&self, text: &str) -> Result<Vec<(u32, (usize, usize))>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| DataError::Tokenizer { path: self.path.clone(), msg: e.to_string() })?;
+        Ok(enc.get_ids().iter().copied().zip(enc.get_offsets().iter().copied()).collect())
+    }
+
+    /// Ids with the tokenizer's own special tokens added (as transformers' add_special_tokens=True).
+    pub fn encode_with_special(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| DataError::Tokenizer { path: self.path.clone(), msg: e.to_string() })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The id of `eos_token` from tokenizer_config.json, if any.
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos.as_deref().and_then(|t| self.token_id(t))
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {

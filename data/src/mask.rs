@@ -1,0 +1,136 @@
+//! Masking strategies: which tokens of an encoded record the loss trains on, as a pure rule over the
+//! token tags and the per-message weights (DESIGN.md §5), and the one place where labels are shifted.
+//!
+//! | strategy      | trained tokens                                                                  |
+//! |---------------|---------------------------------------------------------------------------------|
+//! | `all`         | every token, template tokens included (BOS excluded)                             |
+//! | `assistant`   | assistant content and its end-of-turn token (the `{% generation %}` spans when the template has them) |
+//! | `boilerplate` | content of every message plus assistant end-of-turn; headers, BOS, preambles masked |
+//! | `last`        | the final assistant turn only                                                    |
+//! | `auto`        | conversations and prompt/completion: `assistant`; text: `all`; any `weight`: weights decide |
+//!
+//! A message's explicit `weight` (0 or 1) overrides the strategy for that message.
+
+use crate::encode::{Encoded, Kind};
+use crate::record::{Format, Record, Role};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    All,
+    Assistant,
+    Boilerplate,
+    Last,
+    Auto,
+}
+
+impl Strategy {
+    pub const ALL: [Strategy; 5] =
+        [Strategy::All, Strategy::Assistant, Strategy::Boilerplate, Strategy::Last, Strategy::Auto];
+
+    pub fn parse(s: &str) -> Option<Strategy> {
+        Strategy::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::All => "all",
+            Strategy::Assistant => "assistant",
+            Strategy::Boilerplate => "boilerplate",
+            Strategy::Last => "last",
+            Strategy::Auto => "auto",
+        }
+    }
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How masks are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct MaskOptions {
+    pub strategy: Strategy,
+    /// Train the end-of-turn token after trained assistant content (default true), so the model learns
+    /// to stop.
+    pub train_eot: bool,
+}
+
+impl Default for MaskOptions {
+    fn default() -> Self {
+        MaskOptions { strategy: Strategy::Auto, train_eot: true }
+    }
+}
+
+/// The rule `auto` resolves to for a record.
+enum Rule {
+    Strategy(Strategy),
+    Weights,
+}
+
+/// Per token: is it trained (unshifted: `trained[t]` means the model learns to predict token t).
+/// `generation_spans` says whether the template's `{% generation %}` blocks define the assistant spans.
+pub fn trained(record: &Record, enc: &Encoded, opts: MaskOptions, generation_spans: bool) -> Vec<bool> {
+    let rule = match opts.strategy {
+        Strategy::Auto if record.has_weights() => Rule::Weights,
+        Strategy::Auto => Rule::Strategy(match record.format() {
+            Format::Messages | Format::PromptCompletion => Strategy::Assistant,
+            Format::Text => Strategy::All,
+        }),
+        s => Rule::Strategy(s),
+    };
+    let weights: Vec<Option<u8>> = match record {
+        Record::Messages(m) => m.iter().map(|m| m.weight).collect(),
+        _ => vec![],
+    };
+    let last_assistant = enc
+        .tags
+        .iter()
+        .rev()
+        .find(|t| t.kind == Kind::Content && t.role == Some(Role::Assistant))
+        .and_then(|t| t.message);
+    let use_generation = generation_spans && record.format() == Format::Messages;
+    enc.tags
+        .iter()
+        .map(|tag| {
+            let body = tag.kind == Kind::Content || (tag.kind == Kind::EndOfTurn && opts.train_eot);
+            let assistant = tag.role == Some(Role::Assistant);
+            // A message's explicit weight wins over any strategy.
+            if let Some(Some(w)) = tag.message.and_then(|m| weights.get(m as usize)) {
+                if tag.kind == Kind::Content || tag.kind == Kind::EndOfTurn {
+                    return body && *w == 1;
+                }
+            }
+            match rule {
+                Rule::Weights => {
+                    // Messages without a weight: assistant ones are trained, the others are not.
+                    body && assistant
+                }
+                Rule::Strategy(Strategy::All) => tag.kind != Kind::Bos,
+                Rule::Strategy(Strategy::Assistant) if use_generation => tag.generation,
+                Rule::Strategy(Strategy::Assistant) => body && assistant,
+                Rule::Strategy(Strategy::Boilerplate) => {
+                    tag.kind == Kind::Content || (tag.kind == Kind::EndOfTurn && assistant && opts.train_eot)
+                }
+                Rule::Strategy(Strategy::Last) => body && assistant && tag.message == last_assistant,
+                Rule::Strategy(Strategy::Auto) => unreachable!("auto was resolved above"),
+            }
+        })
+        .collect()
+}
+
+/// Next-token labels within one sample: `labels[t] = ids[t + 1]` where token t+1 is trained, else -100.
+/// The only place labels are shifted.
+pub fn shifted_labels(ids: &[u32], trained: &[bool]) -> Vec<i32> {
+    assert_eq!(ids.len(), trained.len());
+    (0..ids.len())
+        .map(|t| match (ids.get(t + 1), trained.get(t + 1)) {
+            (Some(&id), Some(true)) => id as i32,
+            _ => -100,
+        })
+        .collect()
+}
