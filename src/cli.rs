@@ -19,12 +19,144 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Answer chat questions with a model by greedy decoding, through the model's own chat template.
     Generate(GenerateArgs),
+    /// Validate a JSONL training file (line and message of every problem) and report token statistics.
+    Check(CheckArgs),
+    /// Show conversations with the tokens a masking strategy trains on marked.
+    Preview(PreviewArgs),
+    /// Tokenize, mask and pack a JSONL file into a token cache for training.
+    Prepare(PrepareArgs),
+    /// Convert a dataset into ferrotune's chat JSONL.
+    #[command(subcommand)]
+    Convert(ConvertCommand),
+}
+
+#[derive(Subcommand)]
+pub enum ConvertCommand {
+    /// CoQA (official JSON, or the Hugging Face export as JSONL/JSON/Parquet) into conversations: the
+    /// story in a system message, then question/answer turns.
+    Coqa(CoqaArgs),
+}
+
+/// How the model's tokenizer and chat template are chosen (shared by data commands).
+#[derive(clap::Args, Clone)]
+pub struct TokenizerArgs {
+    /// Model (or tokenizer) directory holding tokenizer.json and tokenizer_config.json.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Chat template: `auto` (the model's own), `llama3` or `chatml` (built in), or a .jinja file.
+    #[arg(long, default_value = "auto")]
+    pub template: String,
+}
+
+/// Masking options (shared by preview, prepare and train).
+#[derive(clap::Args, Clone)]
+pub struct MaskArgs {
+    /// Which tokens are trained: all, assistant, boilerplate, last, or auto (by data format; per-message
+    /// `weight`s decide when present).
+    #[arg(long, default_value = "auto")]
+    pub strategy: String,
+    /// Do not train the end-of-turn token after assistant content.
+    #[arg(long)]
+    pub no_train_eot: bool,
+}
+
+#[derive(clap::Args)]
+pub struct CheckArgs {
+    /// The JSONL file to check.
+    pub file: PathBuf,
+    /// Also require: first message system or user, system only first, no empty content.
+    #[arg(long)]
+    pub strict: bool,
+    /// Model directory: adds token statistics (lengths, rows over --max-seq-len, trained fraction per
+    /// masking strategy).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Chat template for the statistics: auto, llama3, chatml or a .jinja file.
+    #[arg(long, default_value = "auto")]
+    pub template: String,
+    /// Row length the statistics compare against.
+    #[arg(long, default_value_t = 2048)]
+    pub max_seq_len: usize,
+    /// Print a machine-readable JSON report instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Show at most this many problems (the total is always counted).
+    #[arg(long, default_value_t = 50)]
+    pub max_problems: usize,
+}
+
+#[derive(clap::Args)]
+pub struct PreviewArgs {
+    /// The JSONL file.
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub tokenizer: TokenizerArgs,
+    #[command(flatten)]
+    pub mask: MaskArgs,
+    /// How many rows to show.
+    #[arg(long, default_value_t = 2)]
+    pub rows: usize,
+    /// Skip this many rows first.
+    #[arg(long, default_value_t = 0)]
+    pub skip: usize,
+    /// One JSON object per row with `ids`, `labels` (shifted, -100 = not trained) and `tokens`.
+    #[arg(long)]
+    pub json: bool,
+    /// Colour trained text: auto (on a terminal), always, never (then ⟦ ⟧ mark it).
+    #[arg(long, default_value = "auto")]
+    pub color: String,
+}
+
+#[derive(clap::Args)]
+pub struct PrepareArgs {
+    /// The JSONL file.
+    pub data: PathBuf,
+    #[command(flatten)]
+    pub tokenizer: TokenizerArgs,
+    #[command(flatten)]
+    pub mask: MaskArgs,
+    /// Row length in tokens; whole conversations are packed into rows of this length.
+    #[arg(long, default_value_t = 2048)]
+    pub max_seq_len: usize,
+    /// Conversations longer than a row: truncate or drop.
+    #[arg(long, default_value = "truncate")]
+    pub overlong: String,
+    /// Output cache file (default: next to the data, DATA.STRATEGY.LEN.ftcache).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Tokenizer threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(clap::Args)]
+pub struct CoqaArgs {
+    /// CoQA input: official JSON, or Hugging Face rows as .jsonl, .json or .parquet.
+    pub input: PathBuf,
+    /// Output conversations JSONL.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// System message; `{story}` is replaced by the story.
+    #[arg(long, default_value = ferrotune_data::coqa::DEFAULT_SYSTEM)]
+    pub system: String,
 }
 
 impl Command {
     /// Whether the command runs models, and so runs in the libtorch-linked worker binary.
     pub fn needs_torch(&self) -> bool {
         matches!(self, Command::Inspect(_) | Command::Generate(_))
+    }
+
+    /// A short name for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Inspect(_) => "inspect",
+            Command::Generate(_) => "generate",
+            Command::Check(_) => "check",
+            Command::Preview(_) => "preview",
+            Command::Prepare(_) => "prepare",
+            Command::Convert(_) => "convert",
+        }
     }
 }
 

@@ -3,4 +3,5 @@
 //! commands that run models live in the `ferrotune-worker` binary (`src/bin/ferrotune-worker/`).
 
 pub mod cli;
+pub mod data_commands;
 pub mod front;

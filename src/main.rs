@@ -3,15 +3,11 @@
 
 use clap::Parser;
 use ferrotune::cli::Cli;
-use ferrotune::front;
+use ferrotune::{data_commands, front};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Every command so far runs models; data-only commands (check, prepare, launch) will run here.
-    let result = match cli.command {
-        ref c if c.needs_torch() => front::exec_worker(),
-        _ => Ok(()),
-    };
+    let result = if cli.command.needs_torch() { front::exec_worker() } else { data_commands::run(cli.command) };
     front::report(result)
 }

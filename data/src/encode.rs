@@ -106,6 +106,11 @@ impl Encoder {
         out
     }
 
+    /// Padding id: the tokenizer's pad token if it has one, else EOS, else 0 (never trained or attended).
+    pub fn pad_id(&self) -> u32 {
+        self.tokenizer.pad_id().or(self.eos_id).unwrap_or(0)
+    }
+
     pub fn is_special(&self, id: u32) -> bool {
         self.special.contains(&id)
     }

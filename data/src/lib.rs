@@ -1,10 +1,17 @@
 //! ferrotune's data crate: conversation formats, chat templates, tokenization, masking and packing. It
 //! does not depend on tch; it produces token ids and labels that the trainer consumes.
 
+pub mod cache;
+pub mod check;
+pub mod coqa;
 pub mod encode;
 pub mod error;
 pub mod fixtures;
+pub mod loader;
 pub mod mask;
+pub mod pack;
+pub mod prepare;
+pub mod preview;
 pub mod record;
 pub mod template;
 pub mod tokenizer;

@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 pub struct Tokenizer {
     pub inner: tokenizers::Tokenizer,
     pub path: PathBuf,
-    /// `eos_token` of tokenizer_config.json.
+    /// `eos_token` and `pad_token` of tokenizer_config.json.
     eos: Option<String>,
+    pad: Option<String>,
 }
 
 impl Tokenizer {
@@ -26,14 +27,15 @@ impl Tokenizer {
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| DataError::Tokenizer { path: path.clone(), msg: e.to_string() })?;
         let cfg = dir.join("tokenizer_config.json");
-        let eos = std::fs::read_to_string(&cfg)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| match v.get("eos_token")? {
+        let cfg: Option<serde_json::Value> =
+            std::fs::read_to_string(&cfg).ok().and_then(|t| serde_json::from_str(&t).ok());
+        let token = |key: &str| -> Option<String> {
+            match cfg.as_ref()?.get(key)? {
                 serde_json::Value::String(s) => Some(s.clone()),
                 o => o.get("content")?.as_str().map(str::to_owned),
-            });
-        Ok(Tokenizer { inner, path, eos })
+            }
+        };
+        Ok(Tokenizer { inner, path, eos: token("eos_token"), pad: token("pad_token") })
     }
 
     /// Token ids of `text`, special tokens written in the text recognised, none added.
@@ -63,9 +65,19 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// The id of `pad_token` from tokenizer_config.json, if any.
+    pub fn pad_id(&self) -> Option<u32> {
+        self.pad.as_deref().and_then(|t| self.token_id(t))
+    }
+
     /// The id of `eos_token` from tokenizer_config.json, if any.
     pub fn eos_id(&self) -> Option<u32> {
         self.eos.as_deref().and_then(|t| self.token_id(t))
+    }
+
+    /// Text of `ids` with special tokens kept (for showing what the model sees).
+    pub fn decode_raw(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, false).map_err(|e| DataError::Tokenizer { path: self.path.clone(), msg: e.to_string() })
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {

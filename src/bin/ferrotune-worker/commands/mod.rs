@@ -10,5 +10,6 @@ pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Inspect(args) => inspect::run(args),
         Command::Generate(args) => generate::run(args),
+        other => ferrotune::data_commands::run(other),
     }
 }

@@ -1,0 +1,197 @@
+//! `prepare`: a JSONL file -> records -> token ids and tags -> masks and shifted labels -> packed rows
+//! -> token cache. Lines are read in chunks and encoded on several threads; progress is reported
+//! through a callback (the CLI draws the bar). Also builds the cache key that training uses to refuse a
+//! stale cache. It does not know about models or tensors.
+
+use crate::cache::{self, CacheHeader, CacheKey, TokenCache};
+use crate::encode::Encoder;
+use crate::error::{DataError, Result};
+use crate::mask::{shifted_labels, trained, MaskOptions};
+use crate::pack::{self, Overlong, PackStats, Row, Sample};
+use crate::record::{parse_line, Format, Record};
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct PrepareOptions {
+    pub mask: MaskOptions,
+    pub max_seq_len: usize,
+    pub overlong: Overlong,
+    /// Encoding threads (at least 1).
+    pub threads: usize,
+}
+
+/// What a record becomes: a sample, or nothing to train on.
+pub fn sample_of(encoder: &Encoder, record: &Record, mask: MaskOptions) -> Result<Sample> {
+    let enc = encoder.encode(record)?;
+    let generation = encoder.template.as_ref().is_some_and(|t| t.has_generation);
+    let flags = trained(record, &enc, mask, generation);
+    let labels = shifted_labels(&enc.ids, &flags);
+    Ok(Sample { ids: enc.ids, labels })
+}
+
+/// The key a cache of `data` prepared with `encoder` and `opts` has.
+pub fn cache_key(data: &Path, encoder: &Encoder, opts: &PrepareOptions) -> Result<CacheKey> {
+    Ok(CacheKey {
+        source_sha256: cache::sha256_file(data)?,
+        tokenizer_sha256: cache::sha256_file(&encoder.tokenizer.path)?,
+        template_sha256: encoder.template.as_ref().map(|t| cache::sha256_str(&t.source)).unwrap_or_default(),
+        mask: opts.mask,
+        max_seq_len: opts.max_seq_len,
+        overlong: opts.overlong,
+    })
+}
+
+/// Encodes, masks and packs `data`. `progress(bytes_read, total_bytes)` is called as it goes.
+pub fn prepare(
+    data: &Path,
+    encoder: &Encoder,
+    opts: &PrepareOptions,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<(CacheHeader, Vec<Row>)> {
+    let key = cache_key(data, encoder, opts)?;
+    let file = std::fs::File::open(data).map_err(DataError::io(data))?;
+    let total = file.metadata().map_err(DataError::io(data))?.len();
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut samples = vec![];
+    let mut format: Option<Format> = None;
+    let mut dropped_no_trained = 0usize;
+    let (mut line_no, mut read) = (0usize, 0u64);
+    let mut buf = Vec::new();
+    loop {
+        // A chunk of lines: (line number, text).
+        let mut chunk: Vec<(usize, String)> = Vec::with_capacity(4096);
+        while chunk.len() < 4096 {
+            buf.clear();
+            let n = reader.read_until(b'\n', &mut buf).map_err(DataError::io(data))?;
+            if n == 0 {
+                break;
+            }
+            read += n as u64;
+            line_no += 1;
+            let text = String::from_utf8(std::mem::take(&mut buf)).map_err(|_| {
+                DataError::at(data, format!("line {line_no}: not valid UTF-8; hint: run `ferrotune check`"))
+            })?;
+            chunk.push((line_no, text));
+        }
+        if chunk.is_empty() {
+            break;
+        }
+        let results = encode_chunk(&chunk, encoder, opts, data)?;
+        for (line, record_format, sample) in results {
+            match format {
+                None => format = Some(record_format),
+                Some(f) if f != record_format => {
+                    return Err(DataError::at(
+                        data,
+                        format!("line {line}: {record_format} row in a {f} file; hint: run `ferrotune check`"),
+                    ))
+                }
+                _ => {}
+            }
+            match sample {
+                Some(s) => samples.push(s),
+                None => dropped_no_trained += 1,
+            }
+        }
+        progress(read, total);
+    }
+    let format = format.ok_or_else(|| DataError::at(data, "the file has no rows"))?;
+    if samples.is_empty() {
+        return Err(DataError::at(
+            data,
+            format!(
+                "no row has a trained token under masking strategy `{}` ({dropped_no_trained} rows, all masked); hint: choose another --strategy",
+                opts.mask.strategy
+            ),
+        ));
+    }
+    let mut stats = PackStats::default();
+    let samples = pack::fit(samples, opts.max_seq_len, opts.overlong, &mut stats);
+    let pad_id = encoder.pad_id();
+    let (d, t, o) = (stats.dropped_overlong, stats.truncated, stats.dropped_untrained);
+    let rows = pack::pack(&samples, opts.max_seq_len, pad_id, &mut stats);
+    (stats.dropped_overlong, stats.truncated, stats.dropped_untrained) = (d, t, o);
+    let header = CacheHeader {
+        key,
+        source: data.to_owned(),
+        format,
+        rows: rows.len(),
+        documents: rows.iter().map(|r| r.doc_lens.len()).sum(),
+        pad_id,
+        stats,
+        dropped_no_trained,
+        ferrotune_version: env!("CARGO_PKG_VERSION").into(),
+    };
+    Ok((header, rows))
+}
+
+type Encoded = (usize, Format, Option<Sample>);
+
+/// Parses and encodes a chunk of lines on `opts.threads` threads, keeping line order.
+fn encode_chunk(
+    chunk: &[(usize, String)],
+    encoder: &Encoder,
+    opts: &PrepareOptions,
+    data: &Path,
+) -> Result<Vec<Encoded>> {
+    let threads = opts.threads.max(1).min(chunk.len());
+    let per = chunk.len().div_ceil(threads);
+    let one = |(line, text): &(usize, String)| -> Result<Encoded> {
+        let at = |msg: String| DataError::at(data, format!("line {line}: {msg}"));
+        let record = parse_line(text.trim_end_matches(['\n', '\r']), false)
+            .map_err(|e| at(format!("{e}; hint: run `ferrotune check {}`", data.display())))?;
+        let sample = sample_of(encoder, &record, opts.mask).map_err(|e| at(e.to_string()))?;
+        let keep = sample.trained() > 0;
+        Ok((*line, record.format(), keep.then_some(sample)))
+    };
+    let parts: Vec<Result<Vec<Encoded>>> = std::thread::scope(|s| {
+        let handles: Vec<_> =
+            chunk.chunks(per).map(|part| s.spawn(move || part.iter().map(one).collect::<Result<Vec<_>>>())).collect();
+        handles.into_iter().map(|h| h.join().expect("encoding thread panicked")).collect()
+    });
+    let mut out = Vec::with_capacity(chunk.len());
+    for p in parts {
+        out.extend(p?);
+    }
+    Ok(out)
+}
+
+/// Prepares `data` into the cache file `out`.
+pub fn prepare_to_file(
+    data: &Path,
+    encoder: &Encoder,
+    opts: &PrepareOptions,
+    out: &Path,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<CacheHeader> {
+    let (header, rows) = prepare(data, encoder, opts, progress)?;
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(DataError::io(parent))?;
+    }
+    cache::write(out, &header, &rows)?;
+    Ok(header)
+}
+
+/// Opens the cache at `out` if it matches `data`, `encoder` and `opts`; builds it when missing.
+/// A cache that exists but does not match is an error (never silently rebuilt over).
+pub fn open_or_prepare(
+    data: &Path,
+    encoder: &Encoder,
+    opts: &PrepareOptions,
+    out: &Path,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<TokenCache> {
+    if !out.exists() {
+        prepare_to_file(data, encoder, opts, out, progress)?;
+    }
+    let cache = TokenCache::open(out)?;
+    cache.check_key(&cache_key(data, encoder, opts)?)?;
+    Ok(cache)
+}
+
+/// Default cache path for a data file: `DATA.STRATEGY.LEN.ftcache` next to it.
+pub fn default_cache_path(data: &Path, opts: &PrepareOptions) -> PathBuf {
+    let name = data.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    data.with_file_name(format!("{name}.{}.{}.ftcache", opts.mask.strategy, opts.max_seq_len))
+}

@@ -1,0 +1,182 @@
+//! The data commands (`check`, `preview`, `prepare`, `convert`): flags to plans, the data crate to do the
+//! work, and what the user sees (reports, progress bars). They need no libtorch and run in the front
+//! binary.
+
+use crate::cli::{CheckArgs, Command, ConvertCommand, MaskArgs, PrepareArgs, PreviewArgs, TokenizerArgs};
+use anyhow::{bail, Context, Result};
+use ferrotune_data::check::{check_file, CheckOptions};
+use ferrotune_data::encode::Encoder;
+use ferrotune_data::mask::{MaskOptions, Strategy};
+use ferrotune_data::pack::Overlong;
+use ferrotune_data::prepare::{default_cache_path, prepare_to_file, PrepareOptions};
+use ferrotune_data::preview::{marked, view, Marking};
+use ferrotune_data::record::parse_line;
+use ferrotune_data::{ChatTemplate, Tokenizer};
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::Path;
+
+pub fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Check(a) => check(a),
+        Command::Preview(a) => preview(a),
+        Command::Prepare(a) => prepare(a),
+        Command::Convert(ConvertCommand::Coqa(a)) => {
+            let (stories, turns) = ferrotune_data::coqa::convert(&a.input, &a.out, &a.system)?;
+            eprintln!("wrote {} conversations ({turns} question/answer turns) to {}", stories, a.out.display());
+            Ok(())
+        }
+        other => bail!("`{}` needs libtorch and runs in ferrotune-worker", other.name()),
+    }
+}
+
+/// Tokenizer and template of a model directory. A missing template is only an error when a
+/// conversation needs it, so `auto` falls back to none for tokenizers that ship no template.
+pub fn encoder(dir: &Path, template: &str) -> Result<Encoder> {
+    let tokenizer = Tokenizer::from_dir(dir)?;
+    let template = match ChatTemplate::load(dir, template) {
+        Ok(t) => Some(t),
+        Err(e) if template == "auto" && e.to_string().contains("ships no chat template") => None,
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Encoder::new(tokenizer, template)?)
+}
+
+pub fn encoder_of(t: &TokenizerArgs) -> Result<Encoder> {
+    encoder(&t.model, &t.template).with_context(|| format!("loading the tokenizer of {}", t.model.display()))
+}
+
+pub fn mask_options(m: &MaskArgs) -> Result<MaskOptions> {
+    let Some(strategy) = Strategy::parse(&m.strategy) else {
+        bail!("unknown masking strategy `{}`; expected one of all, assistant, boilerplate, last, auto", m.strategy)
+    };
+    Ok(MaskOptions { strategy, train_eot: !m.no_train_eot })
+}
+
+fn check(a: CheckArgs) -> Result<()> {
+    let enc = match &a.model {
+        Some(dir) => Some(encoder(dir, &a.template)?),
+        None => None,
+    };
+    let opts = CheckOptions { strict: a.strict, max_problems: a.max_problems };
+    let report = check_file(&a.file, &opts, enc.as_ref().map(|e| (e, a.max_seq_len)))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let fmt = report.format.map(|f| f.to_string()).unwrap_or_else(|| "unknown".into());
+        println!("{}: {} lines, {} valid rows, format {fmt}", report.file.display(), report.lines, report.valid_rows);
+        for p in &report.problems {
+            println!("  {p}");
+        }
+        if report.problems_total > report.problems.len() {
+            println!("  ... and {} more problems", report.problems_total - report.problems.len());
+        }
+        if let Some(t) = &report.tokens {
+            println!(
+                "tokens per row: min {}, mean {:.1}, p50 {}, p95 {}, max {}; {} rows longer than {}{}",
+                t.min,
+                t.mean,
+                t.p50,
+                t.p95,
+                t.max,
+                t.over_max_seq_len,
+                t.max_seq_len,
+                if t.over_lines.is_empty() { String::new() } else { format!(" (lines {:?})", t.over_lines) }
+            );
+            println!("trained fraction by strategy (rows left with nothing to train):");
+            for (s, f) in &t.trained_fraction {
+                println!("  {s:<12} {:>6.1}%  ({})", 100.0 * f, t.untrained_rows[s]);
+            }
+        }
+        println!("{}", if report.ok { "OK" } else { "FAILED" });
+    }
+    if !report.ok {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn preview(a: PreviewArgs) -> Result<()> {
+    let enc = encoder_of(&a.tokenizer)?;
+    let mask = mask_options(&a.mask)?;
+    let marking = match a.color.as_str() {
+        "always" => Marking::Color,
+        "never" => Marking::Brackets,
+        "auto" if std::io::stdout().is_terminal() => Marking::Color,
+        "auto" => Marking::Brackets,
+        other => bail!("--color must be auto, always or never, not `{other}`"),
+    };
+    let file = std::fs::File::open(&a.file).with_context(|| format!("opening {}", a.file.display()))?;
+    let mut shown = 0;
+    let mut out = std::io::stdout().lock();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate().skip(a.skip) {
+        if shown == a.rows {
+            break;
+        }
+        let line = line.with_context(|| format!("reading {}", a.file.display()))?;
+        let record = parse_line(&line, false)
+            .map_err(|e| anyhow::anyhow!("{}: line {}: {e}; hint: run `ferrotune check`", a.file.display(), i + 1))?;
+        if a.json {
+            let v = view(&enc, &record, mask)?;
+            let row = serde_json::json!({"line": i + 1, "ids": v.ids, "labels": v.labels, "tokens": v.tokens});
+            writeln!(out, "{row}")?;
+        } else {
+            let v = view(&enc, &record, mask)?;
+            let n = v.trained.iter().filter(|&&t| t).count();
+            writeln!(out, "── line {} · {} tokens · {} trained ({}) ──", i + 1, v.ids.len(), n, mask.strategy)?;
+            writeln!(out, "{}\n", marked(&enc, &record, mask, marking)?)?;
+        }
+        shown += 1;
+    }
+    Ok(())
+}
+
+fn prepare(a: PrepareArgs) -> Result<()> {
+    let enc = encoder_of(&a.tokenizer)?;
+    let overlong = match a.overlong.as_str() {
+        "truncate" => Overlong::Truncate,
+        "drop" => Overlong::Drop,
+        other => bail!("--overlong must be truncate or drop, not `{other}`"),
+    };
+    anyhow::ensure!(a.max_seq_len >= 8, "--max-seq-len {} is too small", a.max_seq_len);
+    let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let opts = PrepareOptions { mask: mask_options(&a.mask)?, max_seq_len: a.max_seq_len, overlong, threads };
+    let out = a.out.clone().unwrap_or_else(|| default_cache_path(&a.data, &opts));
+    let t0 = std::time::Instant::now();
+    let bar = progress_bar("preparing");
+    let header = prepare_to_file(&a.data, &enc, &opts, &out, &|done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
+    let s = &header.stats;
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "{} -> {}\n  {} samples ({} dropped with nothing to train, {} truncated, {} dropped as overlong) in {} rows of {}\n  {} tokens, {} trained ({:.1}%), packing efficiency {:.1}%, {:.0} tokens/s",
+        a.data.display(),
+        out.display(),
+        s.samples,
+        header.dropped_no_trained,
+        s.truncated,
+        s.dropped_overlong,
+        s.rows,
+        a.max_seq_len,
+        s.tokens,
+        s.trained_tokens,
+        100.0 * s.trained_tokens as f64 / s.tokens.max(1) as f64,
+        100.0 * s.efficiency,
+        s.tokens as f64 / secs
+    );
+    Ok(())
+}
+
+/// A byte-progress bar on stderr (hidden when stderr is not a terminal).
+pub fn progress_bar(what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_owned());
+    bar
+}
