@@ -193,8 +193,7 @@ fn tally_tokens(t: &mut Tally, encoder: &Encoder, record: &Record, line: usize, 
     let generation = encoder.template.as_ref().is_some_and(|t| t.has_generation);
     for s in STRATEGIES {
         let flags = trained(record, &enc, MaskOptions { strategy: s, train_eot: true }, generation);
-        // The first token is never predicted, so it never counts as trained.
-        let k = flags.iter().skip(1).filter(|&&f| f).count();
+        let k = flags.iter().filter(|&&f| f).count();
         *t.trained.entry(s).or_default() += k;
         if k == 0 {
             *t.untrained_rows.entry(s).or_default() += 1;

@@ -94,12 +94,12 @@ impl Encoder {
             .map(|&role| ChatMessage { role, content: "x".into(), weight: None })
             .collect();
         let Ok(r) = t.render_spans(&probe) else { return out };
-        for i in 1..probe.len() {
+        for (i, message) in probe.iter().enumerate().skip(1) {
             let seg = &r.text[r.content[i - 1].end..r.content[i].start];
             let Ok(enc) = self.tokenizer.encode_offsets(seg) else { continue };
             if let Some((id, (_, end))) = enc.first() {
                 if self.special.contains(id) {
-                    out.insert(probe[i].role, seg[*end..].to_owned());
+                    out.insert(message.role, seg[*end..].to_owned());
                 }
             }
         }

@@ -96,7 +96,12 @@ pub fn trained(record: &Record, enc: &Encoded, opts: MaskOptions, generation_spa
     let use_generation = generation_spans && record.format() == Format::Messages;
     enc.tags
         .iter()
-        .map(|tag| {
+        .enumerate()
+        .map(|(t, tag)| {
+            // The first token has no predecessor: no position predicts it, so it is never trained.
+            if t == 0 {
+                return false;
+            }
             let body = tag.kind == Kind::Content || (tag.kind == Kind::EndOfTurn && opts.train_eot);
             let assistant = tag.role == Some(Role::Assistant);
             // A message's explicit weight wins over any strategy.
