@@ -106,12 +106,8 @@ fn preview(a: PreviewArgs) -> Result<()> {
         other => bail!("--color must be auto, always or never, not `{other}`"),
     };
     let file = std::fs::File::open(&a.file).with_context(|| format!("opening {}", a.file.display()))?;
-    let mut shown = 0;
     let mut out = std::io::stdout().lock();
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate().skip(a.skip) {
-        if shown == a.rows {
-            break;
-        }
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate().skip(a.skip).take(a.rows) {
         let line = line.with_context(|| format!("reading {}", a.file.display()))?;
         let record = parse_line(&line, false)
             .map_err(|e| anyhow::anyhow!("{}: line {}: {e}; hint: run `ferrotune check`", a.file.display(), i + 1))?;
@@ -125,7 +121,6 @@ fn preview(a: PreviewArgs) -> Result<()> {
             writeln!(out, "── line {} · {} tokens · {} trained ({}) ──", i + 1, v.ids.len(), n, mask.strategy)?;
             writeln!(out, "{}\n", marked(&enc, &record, mask, marking)?)?;
         }
-        shown += 1;
     }
     Ok(())
 }
