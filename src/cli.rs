@@ -174,6 +174,9 @@ pub struct GenerateArgs {
     /// A user message to answer; repeat the flag to answer several in one batch.
     #[arg(long, required = true)]
     pub chat: Vec<String>,
+    /// Chat template: `auto` (the model's own), `llama3`, `chatml`, or a .jinja file.
+    #[arg(long, default_value = "auto")]
+    pub template: String,
     /// Optional system message placed before each question.
     #[arg(long)]
     pub system: Option<String>,

@@ -21,7 +21,7 @@ fn help_documents_every_subcommand() {
     let o = ferrotune(&["--help"]);
     let (out, _) = text(&o);
     assert!(o.status.success());
-    for sub in ["inspect", "generate"] {
+    for sub in ["inspect", "generate", "check", "preview", "prepare", "convert"] {
         assert!(out.contains(sub), "{out}");
     }
     let (out, _) = text(&ferrotune(&["generate", "--help"]));
@@ -84,4 +84,57 @@ fn front_binary_links_no_libtorch_and_worker_finds_it_by_run_path() {
         worker.contains("libtorch_cpu.so") && worker.contains("RUNPATH") && worker.contains("torch/lib"),
         "{worker}"
     );
+}
+
+fn sample(name: &str) -> String {
+    fixtures::repo_root().join("data/samples/coqa").join(name).to_str().unwrap().to_owned()
+}
+
+#[test]
+fn data_commands_convert_check_preview_prepare() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixtures::ensure("smollm2-135m-instruct");
+    let model = model.to_str().unwrap();
+    let conv = tmp.path().join("train.jsonl");
+    let conv_s = conv.to_str().unwrap();
+    let o = ferrotune(&["convert", "coqa", &sample("train.json"), "--out", conv_s]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert!(text(&o).1.contains("wrote 16 conversations (105 question/answer turns)"));
+
+    let o = ferrotune(&["check", conv_s, "--strict", "--model", model, "--max-seq-len", "512", "--json"]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let report: serde_json::Value = serde_json::from_str(&text(&o).0).unwrap();
+    assert_eq!((report["ok"].as_bool(), report["valid_rows"].as_u64()), (Some(true), Some(16)));
+    let frac = report["tokens"]["trained_fraction"]["assistant"].as_f64().unwrap();
+    assert!(frac > 0.05 && frac < 0.3, "{frac}");
+
+    // A broken file: exit status 1 and the line named.
+    let bad = tmp.path().join("bad.jsonl");
+    let first = std::fs::read_to_string(&conv).unwrap().lines().next().unwrap().to_owned();
+    std::fs::write(&bad, format!("{first}\n{{\"messages\": [{{\"role\": \"user\", \"content\": \"x\"}}]}}\n")).unwrap();
+    let o = ferrotune(&["check", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).0.contains("line 2: no assistant message"), "{}", text(&o).0);
+
+    let o = ferrotune(&["preview", conv_s, "--model", model, "--rows", "1", "--json"]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let row: serde_json::Value = serde_json::from_str(text(&o).0.lines().next().unwrap()).unwrap();
+    let (ids, labels, tokens) =
+        (row["ids"].as_array().unwrap(), row["labels"].as_array().unwrap(), row["tokens"].as_array().unwrap());
+    assert!(ids.len() == labels.len() && ids.len() == tokens.len());
+    // Every label is the next id.
+    for t in 0..ids.len() - 1 {
+        if labels[t].as_i64() != Some(-100) {
+            assert_eq!(labels[t], ids[t + 1]);
+        }
+    }
+    let o = ferrotune(&["preview", conv_s, "--model", model, "--rows", "1", "--color", "never", "--strategy", "last"]);
+    assert!(text(&o).0.contains("⟦the old mayor's<|im_end|>⟧"), "{}", text(&o).0);
+
+    let cache = tmp.path().join("train.ftcache");
+    let o = ferrotune(&["prepare", conv_s, "--model", model, "--max-seq-len", "512", "--out", cache.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert!(text(&o).0.contains("16 samples") && cache.exists(), "{}", text(&o).0);
+    let o = ferrotune(&["prepare", conv_s, "--model", model, "--strategy", "sometimes"]);
+    assert!(text(&o).1.contains("unknown masking strategy `sometimes`"));
 }

@@ -32,7 +32,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let t0 = Instant::now();
     let model = load_model(&args.model, kind, device).context("loading the model")?;
     let tokenizer = Tokenizer::from_dir(&args.model)?;
-    let template = ChatTemplate::from_dir(&args.model)?;
+    let template = ChatTemplate::load(&args.model, &args.template)?;
     eprintln!("loaded {} in {:.1}s", args.model.display(), t0.elapsed().as_secs_f64());
     let mut prompts = vec![];
     for q in &args.chat {
