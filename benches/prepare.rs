@@ -5,6 +5,7 @@
 //!      ceiling for any pipeline that uses this tokenizer;
 //!   3. the Python reference (benches/prepare_reference.py): transformers' apply_chat_template with
 //!      return_assistant_tokens_mask=True and label shifting.
+//!
 //! All three see the same conversations (the bundled CoQA sample, repeated with varied stories), the
 //! SmolLM2 tokenizer and the same ChatML template with {% generation %} blocks; the token and trained
 //! counts of 1 and 3 must agree, so both did the same work. Run: `scripts/cargo bench --bench prepare`.

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod lora;
 pub mod loss;
 pub mod model;
 pub mod rope;

@@ -16,21 +16,26 @@ use crate::rope;
 use tch::nn::{Path, VarStore};
 use tch::{Device, Kind, Tensor};
 
-/// `weight` (out, in) and optional `bias` (out,), as `torch.nn.Linear`.
+/// `weight` (out, in) and optional `bias` (out,), as `torch.nn.Linear`, with an optional LoRA adapter.
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub lora: Option<crate::lora::LoraLinear>,
 }
 
 impl Linear {
     fn new(p: &Path, in_dim: i64, out_dim: i64, bias: bool, kind: Kind) -> Self {
         let weight = p.add("weight", Tensor::zeros([out_dim, in_dim], (kind, p.device())), false);
         let bias = bias.then(|| p.add("bias", Tensor::zeros([out_dim], (kind, p.device())), false));
-        Linear { weight, bias }
+        Linear { weight, bias, lora: None }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        let y = x.linear(&self.weight, self.bias.as_ref());
+        match &self.lora {
+            Some(lora) => y + lora.delta(x),
+            None => y,
+        }
     }
 }
 
@@ -186,6 +191,25 @@ impl Llama {
         let mut all: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
         all.sort_by_key(|(name, _)| checkpoint_order(name));
         all
+    }
+
+    /// Every linear layer with its Hugging Face module path (`model.layers.3.mlp.up_proj`) and short
+    /// name (`up_proj`), for attaching adapters.
+    pub fn linears_mut(&mut self) -> Vec<(String, &'static str, &mut Linear)> {
+        let mut out = vec![];
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let a = &mut l.self_attn;
+            let m = &mut l.mlp;
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.self_attn.q_proj"), "q_proj", &mut a.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), "k_proj", &mut a.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), "v_proj", &mut a.v_proj));
+            out.push((format!("{p}.self_attn.o_proj"), "o_proj", &mut a.o_proj));
+            out.push((format!("{p}.mlp.gate_proj"), "gate_proj", &mut m.gate_proj));
+            out.push((format!("{p}.mlp.up_proj"), "up_proj", &mut m.up_proj));
+            out.push((format!("{p}.mlp.down_proj"), "down_proj", &mut m.down_proj));
+        }
+        out
     }
 
     /// Makes every parameter require gradients (full fine-tuning) or none (inference, frozen base).

@@ -1,0 +1,130 @@
+//! LoRA adapters on linear layers, compatible with peft: `delta(x) = dropout(x) A^T B^T * alpha / r`
+//! with A (r, in) initialised like peft (Kaiming-uniform, a = sqrt(5)) and B (out, r) zero, so step 0
+//! equals the base model. Adapter tensors are named as in peft's `adapter_model.safetensors`
+//! (`base_model.model.<module>.lora_A.weight`). Dropout is active only while training. This module
+//! does not freeze the base model or save files; the trainer and `export` do.
+
+use crate::model::Llama;
+use serde::{Deserialize, Serialize};
+use std::cell::Cell;
+use std::rc::Rc;
+use tch::{Kind, Tensor};
+
+/// Module names LoRA can target.
+pub const LINEAR_NAMES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    pub r: i64,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// Short module names (`q_proj`, ...) or `all-linear` (every linear layer but `lm_head`).
+    pub target_modules: Vec<String>,
+}
+
+impl LoraConfig {
+    /// The short names targeted, `all-linear` expanded; unknown names are errors.
+    pub fn targets(&self) -> Result<Vec<&'static str>, String> {
+        let mut out = vec![];
+        for t in &self.target_modules {
+            if t == "all-linear" {
+                out.extend(LINEAR_NAMES);
+            } else if let Some(&n) = LINEAR_NAMES.iter().find(|n| **n == t.as_str()) {
+                out.push(n);
+            } else {
+                return Err(format!(
+                    "unknown LoRA target module `{t}`; expected all-linear or some of {}",
+                    LINEAR_NAMES.join(", ")
+                ));
+            }
+        }
+        out.sort();
+        out.dedup();
+        if out.is_empty() {
+            return Err("lora.target_modules is empty".into());
+        }
+        Ok(out)
+    }
+}
+
+pub struct LoraLinear {
+    pub a: Tensor, // (r, in)
+    pub b: Tensor, // (out, r)
+    pub scale: f64,
+    pub dropout: f64,
+    /// Shared with the model: dropout applies only while training.
+    pub training: Rc<Cell<bool>>,
+}
+
+impl LoraLinear {
+    /// x (..., in) -> (..., out)
+    pub fn delta(&self, x: &Tensor) -> Tensor {
+        let x =
+            if self.training.get() && self.dropout > 0.0 { x.dropout(self.dropout, true) } else { x.shallow_clone() };
+        x.linear::<Tensor>(&self.a, None).linear::<Tensor>(&self.b, None) * self.scale
+    }
+}
+
+/// Attaches fresh adapters to the targeted layers of `model` (in the model's dtype, requiring
+/// gradients) and returns them with their peft names, in module order. Draws A from libtorch's
+/// generator: seed it first for reproducible adapters.
+pub fn attach(model: &mut Llama, cfg: &LoraConfig, training: Rc<Cell<bool>>) -> Result<Vec<(String, Tensor)>, String> {
+    let targets = cfg.targets()?;
+    let (kind, device) = (model.kind(), model.device());
+    let mut named = vec![];
+    for (path, short, lin) in model.linears_mut() {
+        if !targets.contains(&short) {
+            continue;
+        }
+        let (out_dim, in_dim) = (lin.weight.size()[0], lin.weight.size()[1]);
+        let bound = 1.0 / (in_dim as f64).sqrt(); // kaiming_uniform_(a=sqrt(5)): sqrt(6 / ((1 + 5) fan_in))
+        let a = Tensor::empty([cfg.r, in_dim], (Kind::Float, device))
+            .uniform_(-bound, bound)
+            .to_kind(kind)
+            .set_requires_grad(true);
+        let b = Tensor::zeros([out_dim, cfg.r], (kind, device)).set_requires_grad(true);
+        named.push((format!("base_model.model.{path}.lora_A.weight"), a.shallow_clone()));
+        named.push((format!("base_model.model.{path}.lora_B.weight"), b.shallow_clone()));
+        lin.lora = Some(LoraLinear {
+            a,
+            b,
+            scale: cfg.alpha / cfg.r as f64,
+            dropout: cfg.dropout,
+            training: training.clone(),
+        });
+    }
+    Ok(named)
+}
+
+/// Folds every adapter into its base weight (W += B A * scale) and removes it, for a merged export.
+pub fn merge(model: &mut Llama) {
+    let _g = tch::no_grad_guard();
+    for (_, _, lin) in model.linears_mut() {
+        if let Some(l) = lin.lora.take() {
+            let delta = l.b.to_kind(Kind::Float).matmul(&l.a.to_kind(Kind::Float)) * l.scale;
+            let merged = lin.weight.to_kind(Kind::Float) + delta;
+            lin.weight.shallow_clone().copy_(&merged);
+        }
+    }
+}
+
+/// peft's adapter_config.json for these adapters.
+pub fn adapter_config(cfg: &LoraConfig, base_model: &str) -> serde_json::Value {
+    let targets: Vec<&str> = cfg.targets().unwrap_or_default();
+    serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "modules_to_save": null,
+        "use_rslora": false,
+        "use_dora": false,
+    })
+}
