@@ -8,7 +8,10 @@ pub mod generate;
 pub mod lora;
 pub mod loss;
 pub mod model;
+pub mod optim;
+pub mod plan;
 pub mod rope;
+pub mod schedule;
 pub mod weights;
 
 pub use config::LlamaConfig;

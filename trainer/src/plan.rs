@@ -1,0 +1,410 @@
+//! A training run's configuration and the plan resolved from it. TOML sections deserialize into
+//! documented structs that refuse unknown keys; layers apply in the order defaults < file <
+//! `FERROTUNE__SECTION__KEY` environment variables < `--set section.key=value`. `resolve` then derives
+//! everything else (accumulation steps, steps per epoch, warmup, checkpoint and evaluation steps) and
+//! fails with the arithmetic in the message. Nothing here touches a model or a file of data.
+
+use crate::error::{Error, Result};
+use crate::lora::LoraConfig;
+use crate::schedule::{Schedule, Scheduler};
+use ferrotune_data::mask::{MaskOptions, Strategy};
+use ferrotune_data::pack::Overlong;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub train: TrainSection,
+    pub lora: LoraSection,
+    pub eval: EvalSection,
+    pub output: OutputSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// Hugging Face model directory.
+    pub path: PathBuf,
+    /// Compute dtype: fp32 or bf16 (bf16 keeps fp32 master weights and optimizer state).
+    pub dtype: String,
+    /// cpu, cuda or cuda:N. Under `launch`, each worker uses its local rank's GPU.
+    pub device: String,
+    /// Chat template: auto (the model's own), llama3, chatml or a .jinja path.
+    pub template: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// Training JSONL.
+    pub train: PathBuf,
+    /// Validation JSONL (optional: "" for none).
+    pub validation: PathBuf,
+    /// Masking strategy: all, assistant, boilerplate, last, auto.
+    pub strategy: String,
+    /// Hosted-API spelling of the strategy: true = all, false = assistant (leave unset to use `strategy`).
+    pub train_on_inputs: Option<bool>,
+    /// Train end-of-turn tokens after assistant content.
+    pub train_eot: bool,
+    /// Row length in tokens.
+    pub max_seq_len: usize,
+    /// Conversations longer than a row: truncate or drop.
+    pub overlong: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    pub epochs: f64,
+    /// Stop after this many optimizer steps (0: epochs decide).
+    pub max_steps: u64,
+    /// Rows per forward/backward on each rank.
+    pub micro_batch_size: usize,
+    /// Rows per optimizer step over all ranks (a multiple of micro_batch_size x world size).
+    pub batch_size: usize,
+    /// Alternative to batch_size: tokens per optimizer step (a multiple of max_seq_len); 0 = unused.
+    pub tokens_per_step: usize,
+    pub lr: f64,
+    /// linear, cosine or constant.
+    pub scheduler: String,
+    pub warmup_ratio: f64,
+    pub min_lr_ratio: f64,
+    pub cycles: f64,
+    /// Global gradient-norm clip (0 disables).
+    pub max_grad_norm: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub seed: u64,
+    /// Evenly spaced checkpoints (the final step is always saved).
+    pub n_checkpoints: usize,
+    /// Log every this many steps.
+    pub log_every: u64,
+    /// Peak FLOP/s the MFU is measured against (0: 170e9 fp32 / 740e9 bf16 on CPU, 989e12 on CUDA).
+    pub peak_flops: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraSection {
+    /// false: full fine-tuning.
+    pub enabled: bool,
+    pub r: i64,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub target_modules: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    /// Validation-loss evaluations spread over the run (0: none).
+    pub n_evals: usize,
+    /// Also score CoQA EM/F1 on the validation conversations at each evaluation and at the end.
+    pub coqa: bool,
+    pub max_new_tokens: usize,
+    /// Questions answered per generation batch.
+    pub batch_size: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputSection {
+    pub dir: PathBuf,
+    pub run_name: String,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection { path: PathBuf::new(), dtype: "fp32".into(), device: "cpu".into(), template: "auto".into() }
+    }
+}
+impl Default for DataSection {
+    fn default() -> Self {
+        DataSection {
+            train: PathBuf::new(),
+            validation: PathBuf::new(),
+            strategy: "auto".into(),
+            train_on_inputs: None,
+            train_eot: true,
+            max_seq_len: 2048,
+            overlong: "truncate".into(),
+        }
+    }
+}
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            epochs: 1.0,
+            max_steps: 0,
+            micro_batch_size: 1,
+            batch_size: 8,
+            tokens_per_step: 0,
+            lr: 1e-4,
+            scheduler: "cosine".into(),
+            warmup_ratio: 0.03,
+            min_lr_ratio: 0.0,
+            cycles: 0.5,
+            max_grad_norm: 1.0,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            seed: 42,
+            n_checkpoints: 1,
+            log_every: 1,
+            peak_flops: 0.0,
+        }
+    }
+}
+impl Default for LoraSection {
+    fn default() -> Self {
+        LoraSection { enabled: true, r: 8, alpha: 16.0, dropout: 0.05, target_modules: vec!["all-linear".into()] }
+    }
+}
+impl Default for EvalSection {
+    fn default() -> Self {
+        EvalSection { n_evals: 0, coqa: false, max_new_tokens: 32, batch_size: 16 }
+    }
+}
+impl Default for OutputSection {
+    fn default() -> Self {
+        OutputSection { dir: PathBuf::from("runs"), run_name: "run".into() }
+    }
+}
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            model: ModelSection::default(),
+            data: DataSection::default(),
+            train: TrainSection::default(),
+            lora: LoraSection::default(),
+            eval: EvalSection::default(),
+            output: OutputSection::default(),
+        }
+    }
+}
+
+impl RunConfig {
+    /// Layers defaults < `file` < FERROTUNE__SECTION__KEY < `overrides` ("section.key=value", the value
+    /// read as TOML, else as a string). Relative paths in the file are taken relative to the file.
+    pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        let cfg_err = |key: &str, msg: String| Error::Config {
+            path: file.map(Path::to_path_buf).unwrap_or_default(),
+            key: key.into(),
+            msg,
+        };
+        let defaults = toml::to_string(&RunConfig::default()).expect("defaults serialize");
+        let mut b = config::Config::builder().add_source(config::File::from_str(&defaults, config::FileFormat::Toml));
+        if let Some(f) = file {
+            let text = std::fs::read_to_string(f).map_err(Error::io(f))?;
+            b = b.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+        }
+        b = b.add_source(
+            config::Environment::with_prefix("FERROTUNE").prefix_separator("__").separator("__").try_parsing(true),
+        );
+        for o in overrides {
+            let (key, value) =
+                o.split_once('=').ok_or_else(|| cfg_err(o, "expected --set section.key=value".into()))?;
+            let (section, name) = key.split_once('.').ok_or_else(|| cfg_err(key, "expected section.key".into()))?;
+            let as_toml = format!("[{section}]\n{name} = {value}\n");
+            let doc = if toml::from_str::<toml::Table>(&as_toml).is_ok() {
+                as_toml
+            } else {
+                format!("[{section}]\n{name} = {}\n", toml::Value::String(value.into()))
+            };
+            b = b.add_source(config::File::from_str(&doc, config::FileFormat::Toml));
+        }
+        let built = b.build().map_err(|e| cfg_err("(file)", e.to_string()))?;
+        let mut cfg: RunConfig = built
+            .try_deserialize()
+            .map_err(|e| cfg_err("(file)", format!("{e}; hint: see configs/ for the documented keys")))?;
+        if let Some(dir) = file.and_then(Path::parent) {
+            for p in [&mut cfg.model.path, &mut cfg.data.train, &mut cfg.data.validation, &mut cfg.output.dir] {
+                if !p.as_os_str().is_empty() && p.is_relative() {
+                    *p = dir.join(&*p);
+                }
+            }
+        }
+        Ok(cfg)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("config serializes")
+    }
+}
+
+/// Everything derived from the config and the data, printed at start and saved with the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub config: RunConfig,
+    pub run_dir: PathBuf,
+    pub world_size: usize,
+    pub mask: MaskOptions,
+    pub overlong: Overlong,
+    pub lora: Option<LoraConfig>,
+    pub rows: usize,
+    pub grad_accum: usize,
+    pub rows_per_step: usize,
+    pub tokens_per_step: usize,
+    pub steps_per_epoch: u64,
+    pub total_steps: u64,
+    pub schedule: Schedule,
+    pub checkpoint_steps: Vec<u64>,
+    pub eval_steps: Vec<u64>,
+}
+
+/// The masking options and overlong policy a config asks for.
+pub fn data_options(c: &DataSection) -> Result<(MaskOptions, Overlong)> {
+    let bad = |key: &str, msg: String| Error::Config { path: PathBuf::new(), key: key.into(), msg };
+    let strategy = match c.train_on_inputs {
+        Some(true) => Strategy::All,
+        Some(false) => Strategy::Assistant,
+        None => Strategy::parse(&c.strategy).ok_or_else(|| {
+            bad("data.strategy", format!("`{}` is not one of all, assistant, boilerplate, last, auto", c.strategy))
+        })?,
+    };
+    if c.train_on_inputs.is_some() && c.strategy != "auto" {
+        return Err(bad("data.train_on_inputs", "set either train_on_inputs or strategy, not both".into()));
+    }
+    let overlong = match c.overlong.as_str() {
+        "truncate" => Overlong::Truncate,
+        "drop" => Overlong::Drop,
+        o => return Err(bad("data.overlong", format!("`{o}` is not truncate or drop"))),
+    };
+    Ok((MaskOptions { strategy, train_eot: c.train_eot }, overlong))
+}
+
+/// Steps at which n evenly spaced events happen in a run of `total` steps (1-based step counts).
+pub fn evenly_spaced(total: u64, n: usize) -> Vec<u64> {
+    let mut v: Vec<u64> = (1..=n as u64).map(|i| (total * i).div_ceil(n as u64)).filter(|&s| s > 0).collect();
+    v.dedup();
+    v
+}
+
+/// Resolves the plan for `rows` packed rows on `world_size` ranks.
+pub fn resolve(config: RunConfig, rows: usize, world_size: usize) -> Result<Plan> {
+    let bad = |key: &str, msg: String| Error::Config { path: PathBuf::new(), key: key.into(), msg };
+    let t = &config.train;
+    let (mask, overlong) = data_options(&config.data)?;
+    let seq = config.data.max_seq_len;
+    let rows_per_step = if t.tokens_per_step > 0 {
+        if t.tokens_per_step % seq != 0 {
+            return Err(bad(
+                "train.tokens_per_step",
+                format!("{} is not a multiple of data.max_seq_len = {seq}", t.tokens_per_step),
+            ));
+        }
+        t.tokens_per_step / seq
+    } else {
+        t.batch_size
+    };
+    let per_micro = t.micro_batch_size * world_size;
+    if t.micro_batch_size == 0 || rows_per_step == 0 || rows_per_step % per_micro != 0 {
+        return Err(bad(
+            "train.batch_size",
+            format!(
+                "{rows_per_step} rows per step is not a multiple of micro_batch_size ({}) x world size ({world_size}) = {per_micro}",
+                t.micro_batch_size
+            ),
+        ));
+    }
+    let grad_accum = rows_per_step / per_micro;
+    let rows_per_rank = rows.div_ceil(world_size);
+    let steps_per_epoch = rows_per_rank.div_ceil(t.micro_batch_size * grad_accum) as u64;
+    let total_steps = if t.max_steps > 0 { t.max_steps } else { (t.epochs * steps_per_epoch as f64).ceil() as u64 };
+    if total_steps == 0 {
+        return Err(bad("train.epochs", format!("{} epochs of {steps_per_epoch} steps is no step at all", t.epochs)));
+    }
+    let kind = match t.scheduler.as_str() {
+        "linear" => Scheduler::Linear,
+        "cosine" => Scheduler::Cosine,
+        "constant" => Scheduler::Constant,
+        s => return Err(bad("train.scheduler", format!("`{s}` is not linear, cosine or constant"))),
+    };
+    let schedule = Schedule {
+        kind,
+        peak_lr: t.lr,
+        warmup_steps: (t.warmup_ratio * total_steps as f64).ceil() as u64,
+        total_steps,
+        min_lr_ratio: t.min_lr_ratio,
+        cycles: t.cycles,
+    };
+    let lora = config.lora.enabled.then(|| LoraConfig {
+        r: config.lora.r,
+        alpha: config.lora.alpha,
+        dropout: config.lora.dropout,
+        target_modules: config.lora.target_modules.clone(),
+    });
+    if let Some(l) = &lora {
+        l.targets().map_err(|e| bad("lora.target_modules", e))?;
+        if l.r <= 0 {
+            return Err(bad("lora.r", format!("{} must be positive", l.r)));
+        }
+    }
+    let mut checkpoint_steps = evenly_spaced(total_steps, config.train.n_checkpoints.max(1));
+    if checkpoint_steps.last() != Some(&total_steps) {
+        checkpoint_steps.push(total_steps);
+    }
+    let eval_steps = evenly_spaced(total_steps, config.eval.n_evals);
+    let run_dir = config.output.dir.join(&config.output.run_name);
+    Ok(Plan {
+        run_dir,
+        world_size,
+        mask,
+        overlong,
+        lora,
+        rows,
+        grad_accum,
+        rows_per_step,
+        tokens_per_step: rows_per_step * seq,
+        steps_per_epoch,
+        total_steps,
+        schedule,
+        checkpoint_steps,
+        eval_steps,
+        config,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_apply_in_order_and_unknown_keys_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("run.toml");
+        std::fs::write(&f, "[train]\nlr = 3e-4\nbatch_size = 4\n[data]\nstrategy = \"last\"\n").unwrap();
+        let c = RunConfig::load(Some(&f), &["train.batch_size=2".into(), "data.strategy=boilerplate".into()]).unwrap();
+        assert_eq!((c.train.lr, c.train.batch_size, c.data.strategy.as_str()), (3e-4, 2, "boilerplate"));
+        assert_eq!(c.train.seed, 42, "defaults fill the rest");
+        std::fs::write(&f, "[train]\nlearning_rate = 1e-4\n").unwrap();
+        let err = RunConfig::load(Some(&f), &[]).unwrap_err().to_string();
+        assert!(err.contains("learning_rate"), "{err}");
+    }
+
+    #[test]
+    fn plan_arithmetic_and_its_errors() {
+        let mut c = RunConfig::default();
+        c.train.batch_size = 8;
+        c.train.micro_batch_size = 2;
+        c.train.epochs = 2.0;
+        c.train.n_checkpoints = 2;
+        let p = resolve(c.clone(), 37, 2).unwrap();
+        // 37 rows on 2 ranks: 19 each; 2 rows x 2 accumulation per rank-step: 5 steps per epoch.
+        assert_eq!((p.grad_accum, p.steps_per_epoch, p.total_steps), (2, 5, 10));
+        assert_eq!(p.checkpoint_steps, vec![5, 10]);
+        c.train.batch_size = 6;
+        let err = resolve(c, 37, 2).unwrap_err().to_string();
+        assert!(
+            err.contains("6 rows per step is not a multiple of micro_batch_size (2) x world size (2) = 4"),
+            "{err}"
+        );
+        assert_eq!(evenly_spaced(10, 3), vec![4, 7, 10]);
+    }
+}
