@@ -19,6 +19,8 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Answer chat questions with a model by greedy decoding, through the model's own chat template.
     Generate(GenerateArgs),
+    /// Fine-tune a model as a TOML run config describes (see configs/).
+    Train(TrainArgs),
     /// Validate a JSONL training file (line and message of every problem) and report token statistics.
     Check(CheckArgs),
     /// Show conversations with the tokens a masking strategy trains on marked.
@@ -144,7 +146,7 @@ pub struct CoqaArgs {
 impl Command {
     /// Whether the command runs models, and so runs in the libtorch-linked worker binary.
     pub fn needs_torch(&self) -> bool {
-        matches!(self, Command::Inspect(_) | Command::Generate(_))
+        matches!(self, Command::Inspect(_) | Command::Generate(_) | Command::Train(_))
     }
 
     /// A short name for messages.
@@ -152,6 +154,7 @@ impl Command {
         match self {
             Command::Inspect(_) => "inspect",
             Command::Generate(_) => "generate",
+            Command::Train(_) => "train",
             Command::Check(_) => "check",
             Command::Preview(_) => "preview",
             Command::Prepare(_) => "prepare",
@@ -189,4 +192,20 @@ pub struct GenerateArgs {
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+}
+
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// Run configuration (TOML); see configs/ for documented examples.
+    pub config: PathBuf,
+    /// Override a config key, e.g. --set train.lr=3e-4 (repeatable; wins over the file and the
+    /// FERROTUNE__SECTION__KEY environment variables).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Continue the run from its newest complete checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop (after writing a checkpoint) once this many optimizer steps have run in this invocation.
+    #[arg(long, value_name = "N")]
+    pub stop_after_steps: Option<u64>,
 }

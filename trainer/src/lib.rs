@@ -2,16 +2,19 @@
 //! generation. It does not read conversation data (that is `ferrotune-data`) or spawn processes (that is
 //! `ferrotune-launcher`).
 
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod generate;
 pub mod lora;
 pub mod loss;
+pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod plan;
 pub mod rope;
 pub mod schedule;
+pub mod train;
 pub mod weights;
 
 pub use config::LlamaConfig;

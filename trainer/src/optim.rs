@@ -88,7 +88,7 @@ impl AdamW {
             let denom = p.exp_avg_sq.sqrt() / bias_correction2_sqrt + eps;
             let _ = w.g_add_(&((&p.exp_avg / &denom) * (-step_size)));
             if p.master.is_some() {
-                let _ = p.tensor.shallow_clone().copy_(&w);
+                p.tensor.shallow_clone().copy_(&w);
             }
             let _ = p.tensor.grad().zero_();
         }

@@ -12,7 +12,7 @@ use ferrotune_data::pack::Overlong;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunConfig {
     pub model: ModelSection,
@@ -176,18 +176,6 @@ impl Default for OutputSection {
         OutputSection { dir: PathBuf::from("runs"), run_name: "run".into() }
     }
 }
-impl Default for RunConfig {
-    fn default() -> Self {
-        RunConfig {
-            model: ModelSection::default(),
-            data: DataSection::default(),
-            train: TrainSection::default(),
-            lora: LoraSection::default(),
-            eval: EvalSection::default(),
-            output: OutputSection::default(),
-        }
-    }
-}
 
 impl RunConfig {
     /// Layers defaults < `file` < FERROTUNE__SECTION__KEY < `overrides` ("section.key=value", the value
@@ -293,7 +281,7 @@ pub fn resolve(config: RunConfig, rows: usize, world_size: usize) -> Result<Plan
     let (mask, overlong) = data_options(&config.data)?;
     let seq = config.data.max_seq_len;
     let rows_per_step = if t.tokens_per_step > 0 {
-        if t.tokens_per_step % seq != 0 {
+        if !t.tokens_per_step.is_multiple_of(seq) {
             return Err(bad(
                 "train.tokens_per_step",
                 format!("{} is not a multiple of data.max_seq_len = {seq}", t.tokens_per_step),
@@ -304,7 +292,7 @@ pub fn resolve(config: RunConfig, rows: usize, world_size: usize) -> Result<Plan
         t.batch_size
     };
     let per_micro = t.micro_batch_size * world_size;
-    if t.micro_batch_size == 0 || rows_per_step == 0 || rows_per_step % per_micro != 0 {
+    if t.micro_batch_size == 0 || rows_per_step == 0 || !rows_per_step.is_multiple_of(per_micro) {
         return Err(bad(
             "train.batch_size",
             format!(
@@ -312,6 +300,9 @@ pub fn resolve(config: RunConfig, rows: usize, world_size: usize) -> Result<Plan
                 t.micro_batch_size
             ),
         ));
+    }
+    if t.log_every == 0 {
+        return Err(bad("train.log_every", "must be at least 1".into()));
     }
     let grad_accum = rows_per_step / per_micro;
     let rows_per_rank = rows.div_ceil(world_size);

@@ -2,6 +2,7 @@
 
 pub mod generate;
 pub mod inspect;
+pub mod train;
 
 use ferrotune::cli::Command;
 
@@ -10,6 +11,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Inspect(args) => inspect::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Train(args) => train::run(args),
         other => ferrotune::data_commands::run(other),
     }
 }

@@ -1,0 +1,80 @@
+//! Metrics go through one small trait, so the training loop logs once and every sink (the terminal,
+//! a JSONL file, TensorBoard) receives the same numbers. Rank 0 logs; other ranks pass `Null`.
+//! Sinks never fail the run: a metrics write error is reported once and the run goes on.
+
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+pub trait Logger {
+    /// Scalars of one optimizer step (e.g. `train/loss`).
+    fn scalars(&mut self, step: u64, values: &[(&str, f64)]);
+    /// A text note (the resolved config, at start).
+    fn text(&mut self, _tag: &str, _text: &str) {}
+    /// Hyperparameters of the run and its final metrics (TensorBoard's HParams dashboard).
+    fn hparams(&mut self, _hparams: &BTreeMap<String, Value>, _metrics: &[(&str, f64)]) {}
+    fn flush(&mut self) {}
+}
+
+/// Discards everything (non-zero ranks).
+pub struct Null;
+impl Logger for Null {
+    fn scalars(&mut self, _: u64, _: &[(&str, f64)]) {}
+}
+
+/// One JSON object per line: {"step": N, "train/loss": x, ...}.
+pub struct Jsonl {
+    file: std::io::BufWriter<std::fs::File>,
+    failed: bool,
+}
+
+impl Jsonl {
+    /// Appends to `path` (a resumed run continues the same file).
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(Jsonl { file: std::io::BufWriter::new(file), failed: false })
+    }
+}
+
+impl Logger for Jsonl {
+    fn scalars(&mut self, step: u64, values: &[(&str, f64)]) {
+        let mut obj = serde_json::Map::new();
+        obj.insert("step".into(), step.into());
+        for (k, v) in values {
+            obj.insert((*k).into(), serde_json::Number::from_f64(*v).map_or(Value::Null, Value::Number));
+        }
+        if let Err(e) = writeln!(self.file, "{}", Value::Object(obj)).and_then(|()| self.file.flush()) {
+            if !self.failed {
+                eprintln!("warning: cannot write metrics.jsonl ({e}); training goes on");
+                self.failed = true;
+            }
+        }
+    }
+}
+
+/// Sends everything to several sinks.
+pub struct FanOut(pub Vec<Box<dyn Logger>>);
+
+impl Logger for FanOut {
+    fn scalars(&mut self, step: u64, values: &[(&str, f64)]) {
+        self.0.iter_mut().for_each(|l| l.scalars(step, values));
+    }
+    fn text(&mut self, tag: &str, text: &str) {
+        self.0.iter_mut().for_each(|l| l.text(tag, text));
+    }
+    fn hparams(&mut self, h: &BTreeMap<String, Value>, m: &[(&str, f64)]) {
+        self.0.iter_mut().for_each(|l| l.hparams(h, m));
+    }
+    fn flush(&mut self) {
+        self.0.iter_mut().for_each(|l| l.flush());
+    }
+}
+
+/// Peak resident memory of this process in bytes (Linux VmHWM), for CPU runs.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

@@ -1,0 +1,387 @@
+//! The training loop, one for every run: fetch micro-batches, count trained tokens, forward/backward
+//! with the loss divided by the step's trained-token count, clip, step, schedule, log, evaluate,
+//! checkpoint. It reads top to bottom; the pieces it calls (model, loss, optimizer, schedule, data
+//! loader, checkpoint) know nothing of each other.
+
+use crate::checkpoint::{self, TrainState};
+use crate::error::{Error, Result};
+use crate::lora::{self, LoraConfig};
+use crate::metrics::{peak_rss_bytes, Logger};
+use crate::model::Llama;
+use crate::optim::{AdamW, AdamWConfig};
+use crate::plan::{self, Plan, RunConfig};
+use crate::{load_model, loss, parse_kind, weights};
+use ferrotune_data::cache::TokenCache;
+use ferrotune_data::encode::Encoder;
+use ferrotune_data::loader::{Batch, Loader};
+use ferrotune_data::prepare::{open_or_prepare, PrepareOptions};
+use ferrotune_data::{ChatTemplate, Tokenizer};
+use std::cell::Cell;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// A model with its trainable parameters and optimizer.
+pub struct Trainer {
+    pub model: Llama,
+    pub opt: AdamW,
+    /// Trainable tensors under their checkpoint names (peft names for LoRA, Hugging Face names for
+    /// full fine-tuning).
+    pub trainable: Vec<(String, Tensor)>,
+    pub lora: Option<LoraConfig>,
+    training: Rc<Cell<bool>>,
+}
+
+/// Tensors of a batch on `device`, plus the trained positions computed on the host (no device sync).
+pub struct BatchTensors {
+    pub ids: Tensor,
+    pub positions: Tensor,
+    pub docs: Tensor,
+    pub idx: Tensor,
+    pub targets: Tensor,
+    pub trained: usize,
+}
+
+pub fn to_tensors(b: &Batch, device: Device) -> BatchTensors {
+    let shape = [b.rows as i64, b.seq as i64];
+    let t = |v: &[i64]| Tensor::from_slice(v).reshape(shape).to_device(device);
+    let (mut idx, mut targets) = (Vec::with_capacity(b.trained_tokens), Vec::with_capacity(b.trained_tokens));
+    for (i, &l) in b.labels.iter().enumerate() {
+        if l != -100 {
+            idx.push(i as i64);
+            targets.push(l);
+        }
+    }
+    BatchTensors {
+        ids: t(&b.ids),
+        positions: t(&b.position_ids),
+        docs: t(&b.doc_ids),
+        idx: Tensor::from_slice(&idx).to_device(device),
+        targets: Tensor::from_slice(&targets).to_device(device),
+        trained: idx.len(),
+    }
+}
+
+impl Trainer {
+    /// Loads the model; with `lora`, freezes it and attaches fresh adapters (seeded by `seed`).
+    pub fn new(
+        model_dir: &Path,
+        kind: Kind,
+        device: Device,
+        lora: Option<LoraConfig>,
+        adamw: AdamWConfig,
+        seed: u64,
+    ) -> Result<Self> {
+        let mut model = load_model(model_dir, kind, device)?;
+        let training = Rc::new(Cell::new(false));
+        let trainable = match &lora {
+            Some(cfg) => {
+                model.set_requires_grad(false);
+                tch::manual_seed(seed as i64);
+                lora::attach(&mut model, cfg, training.clone()).map_err(Error::Invalid)?
+            }
+            None => {
+                model.set_requires_grad(true);
+                model.named_parameters()
+            }
+        };
+        let opt = AdamW::new(trainable.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(), adamw);
+        Ok(Trainer { model, opt, trainable, lora, training })
+    }
+
+    /// Forward and backward of one micro-batch; the loss is divided by `denom`, the trained tokens of
+    /// the whole optimizer step. Returns the (detached) sum of the micro-batch's token losses.
+    pub fn micro_step(&self, b: &BatchTensors, denom: f64) -> Tensor {
+        self.training.set(true);
+        let hidden = self.model.forward(&b.ids, &b.positions, Some(&b.docs), None);
+        let sum = loss::masked_ce_sum(&self.model, &hidden, &b.idx, &b.targets);
+        (&sum / denom).backward();
+        self.training.set(false);
+        sum.detach()
+    }
+
+    /// Sum of token losses of a batch without gradients (evaluation).
+    pub fn loss_sum(&self, b: &BatchTensors) -> Tensor {
+        let _g = tch::no_grad_guard();
+        let hidden = self.model.forward(&b.ids, &b.positions, Some(&b.docs), None);
+        loss::masked_ce_sum(&self.model, &hidden, &b.idx, &b.targets)
+    }
+
+    /// Writes the adapter (peft layout) or the whole model (Hugging Face layout) to `dir`.
+    pub fn export(&self, dir: &Path, base_model: &Path) -> Result<()> {
+        match &self.lora {
+            Some(cfg) => {
+                std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+                checkpoint::save_named(&dir.join("adapter_model.safetensors"), &self.trainable)?;
+                let c = lora::adapter_config(cfg, &base_model.display().to_string());
+                let p = dir.join("adapter_config.json");
+                std::fs::write(&p, serde_json::to_string_pretty(&c).expect("json")).map_err(Error::io(&p))
+            }
+            None => weights::save_pretrained(&self.model, dir, self.model.kind(), 2 << 30),
+        }?;
+        copy_tokenizer_files(base_model, dir)
+    }
+}
+
+/// tokenizer.json, tokenizer_config.json, chat_template.jinja, generation_config.json (when present).
+pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<()> {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "special_tokens_map.json",
+        "generation_config.json",
+    ] {
+        if from.join(f).exists() {
+            std::fs::copy(from.join(f), to.join(f)).map_err(Error::io(to.join(f)))?;
+        }
+    }
+    Ok(())
+}
+
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        o => match o.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => Ok(Device::Cuda(n)),
+            None => Err(Error::Invalid(format!("unknown device `{o}`; expected cpu, cuda or cuda:N"))),
+        },
+    }
+}
+
+/// Options of one invocation (not part of the run's config).
+pub struct RunOptions {
+    pub resume: bool,
+    /// Stop after this many optimizer steps in this invocation (after checkpointing).
+    pub stop_after: Option<u64>,
+    /// Called with (bytes done, total) while a token cache is built.
+    pub progress: Box<dyn Fn(u64, u64) + Sync>,
+}
+
+pub struct Outcome {
+    pub run_dir: PathBuf,
+    pub steps: u64,
+    pub final_loss: f64,
+    pub final_val_loss: Option<f64>,
+    /// Where the adapter or model was exported (None when stopped early).
+    pub export_dir: Option<PathBuf>,
+}
+
+/// Encoder (tokenizer + template) for the model of a run config.
+pub fn encoder_for(cfg: &RunConfig) -> Result<Encoder> {
+    let dir = &cfg.model.path;
+    let tok = Tokenizer::from_dir(dir).map_err(|e| Error::Invalid(e.to_string()))?;
+    let tmpl = ChatTemplate::load(dir, &cfg.model.template).map_err(|e| Error::Invalid(e.to_string()))?;
+    Encoder::new(tok, Some(tmpl)).map_err(|e| Error::Invalid(e.to_string()))
+}
+
+fn cache_for(
+    data: &Path,
+    out: &Path,
+    enc: &Encoder,
+    cfg: &RunConfig,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<TokenCache> {
+    let (mask, overlong) = plan::data_options(&cfg.data)?;
+    let opts = PrepareOptions {
+        mask,
+        max_seq_len: cfg.data.max_seq_len,
+        overlong,
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    open_or_prepare(data, enc, &opts, out, progress).map_err(|e| Error::Invalid(e.to_string()))
+}
+
+/// Approximate FLOPs of one step: 2 per weight per token forward (decoder matmuls on every token,
+/// lm_head on trained tokens only), backward twice that for full fine-tuning and once (activation
+/// gradients only) for LoRA. Attention scores are left out.
+fn step_flops(m: &Llama, tokens: usize, trained: usize, lora: bool) -> f64 {
+    let c = &m.config;
+    let per_layer = c.hidden_size * c.head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+        + 3 * c.hidden_size * c.intermediate_size;
+    let decoder = (per_layer * c.num_hidden_layers) as f64;
+    let head = (c.vocab_size * c.hidden_size) as f64;
+    let fwd = 2.0 * (decoder * tokens as f64 + head * trained as f64);
+    fwd * if lora { 2.0 } else { 3.0 }
+}
+
+pub fn train(cfg: RunConfig, opts: RunOptions, logger: &mut dyn Logger) -> Result<Outcome> {
+    let kind = parse_kind(&cfg.model.dtype)?;
+    let device = parse_device(&cfg.model.device)?;
+    let run_dir = cfg.output.dir.join(&cfg.output.run_name);
+    let existing = checkpoint::latest(&run_dir);
+    if opts.resume && existing.is_none() {
+        return Err(Error::Checkpoint {
+            path: checkpoint::checkpoints_dir(&run_dir),
+            msg: "no complete checkpoint to resume from; hint: drop --resume to start the run".into(),
+        });
+    }
+    if !opts.resume && existing.is_some() {
+        return Err(Error::Checkpoint {
+            path: run_dir.clone(),
+            msg: "this run already has checkpoints; hint: pass --resume to continue it, or set output.run_name".into(),
+        });
+    }
+    std::fs::create_dir_all(run_dir.join("cache")).map_err(Error::io(&run_dir))?;
+
+    // Data: token caches of the training and validation files (built on the first run).
+    let enc = encoder_for(&cfg)?;
+    let train_cache = cache_for(&cfg.data.train, &run_dir.join("cache/train.ftcache"), &enc, &cfg, &*opts.progress)?;
+    let has_val = !cfg.data.validation.as_os_str().is_empty();
+    let val_cache = if has_val {
+        Some(cache_for(&cfg.data.validation, &run_dir.join("cache/validation.ftcache"), &enc, &cfg, &*opts.progress)?)
+    } else {
+        None
+    };
+
+    // Plan: everything derived, printed and saved with the run.
+    let plan: Plan = plan::resolve(cfg.clone(), train_cache.rows(), 1)?;
+    let plan_path = run_dir.join("plan.json");
+    std::fs::write(&plan_path, serde_json::to_string_pretty(&plan).expect("plan serializes"))
+        .map_err(Error::io(&plan_path))?;
+    let config_path = run_dir.join("config.toml");
+    std::fs::write(&config_path, cfg.to_toml()).map_err(Error::io(&config_path))?;
+    eprintln!(
+        "plan: {} rows of {} tokens, {} steps ({} per epoch), {} rows/step ({} micro-batches of {}), lr {:e} {:?} warmup {}, {}",
+        plan.rows, cfg.data.max_seq_len, plan.total_steps, plan.steps_per_epoch, plan.rows_per_step, plan.grad_accum,
+        cfg.train.micro_batch_size, plan.schedule.peak_lr, plan.schedule.kind, plan.schedule.warmup_steps,
+        match &plan.lora { Some(l) => format!("LoRA r={} alpha={} on {:?}", l.r, l.alpha, l.target_modules), None => "full fine-tuning".into() }
+    );
+    logger.text("config", &format!("```toml\n{}```", cfg.to_toml()));
+
+    let t = &cfg.train;
+    let adamw = AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay };
+    let mut trainer = Trainer::new(&cfg.model.path, kind, device, plan.lora.clone(), adamw, t.seed)?;
+    let mut loader = Loader::new(&train_cache, 0, 1, t.seed, t.micro_batch_size);
+    let mut step = 0u64;
+    let mut last_loss = f64::NAN;
+    if let Some((s, dir)) = existing.filter(|_| opts.resume) {
+        checkpoint::load_named(&dir.join("trainable.safetensors"), &trainer.trainable)?;
+        trainer.opt.load(&dir)?;
+        let state = checkpoint::read_state(&dir)?;
+        loader.restore(state.loader);
+        step = s;
+        last_loss = state.last_loss;
+        eprintln!("resumed from {} (step {s}, loss {last_loss:.4})", dir.display());
+    }
+
+    let peak = if t.peak_flops > 0.0 {
+        t.peak_flops
+    } else if device.is_cuda() {
+        989e12
+    } else if kind == Kind::BFloat16 {
+        740e9
+    } else {
+        170e9
+    };
+    let mut final_val = None;
+    let started_at = step;
+    let mut window = (Instant::now(), 0usize, 0usize, 0.0f64); // (since, tokens, trained, flops)
+    while step < plan.total_steps {
+        // RNG (LoRA dropout) is a function of (seed, step): a resumed run draws the same numbers.
+        tch::manual_seed((t.seed ^ (step + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)) as i64);
+        let lr = plan.schedule.lr(step);
+        let batches: Vec<BatchTensors> =
+            (0..plan.grad_accum).map(|_| to_tensors(&loader.next_batch(), device)).collect();
+        let trained: usize = batches.iter().map(|b| b.trained).sum();
+        let denom = trained.max(1) as f64;
+        let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
+        for b in &batches {
+            loss_sum += trainer.micro_step(b, denom);
+        }
+        // One host sync per step: the loss is checked before the update touches the weights.
+        let loss = loss_sum.double_value(&[]) / denom;
+        if !loss.is_finite() {
+            let last =
+                checkpoint::latest(&run_dir).map_or("none".into(), |(s, d)| format!("step {s} at {}", d.display()));
+            return Err(Error::Invalid(format!(
+                "loss is {loss} at step {} (lr {lr:e}); stopped before the update, the last good checkpoint is {last}; hint: lower train.lr or inspect the data with `ferrotune preview`",
+                step + 1
+            )));
+        }
+        let grad_norm = trainer.opt.clip_grad_norm(t.max_grad_norm);
+        trainer.opt.step(lr);
+        step += 1;
+        last_loss = loss;
+        let tokens = plan.rows_per_step * cfg.data.max_seq_len;
+        window.1 += tokens;
+        window.2 += trained;
+        window.3 += step_flops(&trainer.model, tokens, trained, plan.lora.is_some());
+
+        if step.is_multiple_of(t.log_every) || step == plan.total_steps {
+            let secs = window.0.elapsed().as_secs_f64();
+            let mem = peak_rss_bytes().unwrap_or(0) as f64;
+            let gn = grad_norm.double_value(&[]);
+            let vals = [
+                ("train/loss", loss),
+                ("train/lr", lr),
+                ("train/grad_norm", gn),
+                ("train/tokens_per_s", window.1 as f64 / secs),
+                ("train/trained_tokens_per_s", window.2 as f64 / secs),
+                ("train/mfu", window.3 / secs / peak),
+                ("train/peak_mem_gb", mem / 1e9),
+                ("train/epoch", step as f64 / plan.steps_per_epoch as f64),
+            ];
+            logger.scalars(step, &vals);
+            eprintln!(
+                "step {step}/{} | loss {loss:.4} | lr {lr:.2e} | grad {gn:.3} | {:.0} tok/s ({:.0} trained/s) | mfu {:.1}% | mem {:.2} GB",
+                plan.total_steps, vals[3].1, vals[4].1, 100.0 * vals[5].1, mem / 1e9
+            );
+            window = (Instant::now(), 0, 0, 0.0);
+        }
+        if plan.eval_steps.contains(&step) {
+            if let Some(vc) = &val_cache {
+                let v = validation_loss(&trainer, vc, t.micro_batch_size, device);
+                logger.scalars(step, &[("eval/loss", v)]);
+                eprintln!("step {step}: validation loss {v:.4}");
+                final_val = Some(v);
+            }
+        }
+        let stopping = opts.stop_after.is_some_and(|n| step - started_at >= n);
+        if plan.checkpoint_steps.contains(&step) || stopping {
+            let state = TrainState { step, loader: loader.state(), last_loss };
+            let dir = checkpoint::save(&run_dir, step, |d| {
+                checkpoint::save_named(&d.join("trainable.safetensors"), &trainer.trainable)?;
+                trainer.opt.save(d)?;
+                checkpoint::write_state(d, &state)?;
+                let c = d.join("config.toml");
+                std::fs::write(&c, cfg.to_toml()).map_err(Error::io(&c))
+            })?;
+            eprintln!("checkpoint {}", dir.display());
+        }
+        logger.flush();
+        if stopping && step < plan.total_steps {
+            return Ok(Outcome {
+                run_dir,
+                steps: step,
+                final_loss: last_loss,
+                final_val_loss: final_val,
+                export_dir: None,
+            });
+        }
+    }
+    let export_dir = run_dir.join(if plan.lora.is_some() { "adapter" } else { "model" });
+    if export_dir.exists() {
+        std::fs::remove_dir_all(&export_dir).map_err(Error::io(&export_dir))?;
+    }
+    trainer.export(&export_dir, &cfg.model.path)?;
+    Ok(Outcome { run_dir, steps: step, final_loss: last_loss, final_val_loss: final_val, export_dir: Some(export_dir) })
+}
+
+/// Mean token loss over every row of a cache.
+pub fn validation_loss(trainer: &Trainer, cache: &TokenCache, micro: usize, device: Device) -> f64 {
+    let loader = Loader::new(cache, 0, 1, 0, micro);
+    let rows: Vec<usize> = (0..cache.rows()).collect();
+    let (mut sum, mut n) = (0.0, 0usize);
+    for chunk in rows.chunks(micro) {
+        let b = to_tensors(&loader.batch_of(chunk, 0), device);
+        if b.trained == 0 {
+            continue;
+        }
+        sum += trainer.loss_sum(&b).double_value(&[]);
+        n += b.trained;
+    }
+    sum / n.max(1) as f64
+}
