@@ -9,6 +9,11 @@ Everything runs on CPU with transformers' default attention, in fp32 unless ORAC
   oracle.py generate MODEL_DIR PROMPTS.json OUT.json MAX_NEW_TOKENS
       PROMPTS is a list of token-id lists; each is generated greedily on its own (no padding). OUT is the
       list of generated ids per prompt, cut before the first eos id of the generation config.
+  oracle.py train_step MODEL_DIR IN.safetensors OUT.safetensors LR WEIGHT_DECAY MAX_GRAD_NORM [ADAPTER_DIR]
+      One optimizer step as a transformers (+ peft, with ADAPTER_DIR) user takes it: mean loss over
+      IN's labels (unshifted), backward, clip_grad_norm_, torch.optim.AdamW (single-tensor path, no
+      weight decay on 1-D parameters). OUT gets loss, grad_norm and param.NAME for every trainable
+      parameter after the step (peft names without the adapter name).
   oracle.py chat TOKENIZER_DIR TEMPLATE CONVERSATIONS.json OUT.json
       For each conversation (a list of {role, content}): transformers' apply_chat_template text
       (tokenize=False) and ids (tokenize=True), and `assistant_masks` when the template has
@@ -61,6 +66,32 @@ def generate(model_dir, prompts_path, out, max_new_tokens):
     json.dump(outputs, open(out, "w"))
 
 
+def train_step(model_dir, inp, out, lr, wd, clip, adapter=None):
+    t = load_file(inp)
+    model = load(model_dir)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    params = [(n.replace(".default", ""), p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for _, p in params if p.dim() >= 2], "weight_decay": float(wd)},
+        {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=float(lr), betas=(0.9, 0.999), eps=1e-8, foreach=False)
+    res = model(input_ids=t["input_ids"], labels=t["labels"])
+    res.loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], float(clip), foreach=False)
+    opt.step()
+    result = {"loss": res.loss.detach().reshape(1), "grad_norm": norm.detach().reshape(1)}
+    for n, p in params:
+        result["param." + n] = p.detach().contiguous()
+    save_file(result, out)
+
+
 def chat(tokenizer_dir, template, conversations_path, out):
     from transformers import AutoTokenizer
 
@@ -82,4 +113,4 @@ def chat(tokenizer_dir, template, conversations_path, out):
 
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
-    {"forward": forward, "generate": generate, "chat": chat}[cmd](*args)
+    {"forward": forward, "generate": generate, "chat": chat, "train_step": train_step}[cmd](*args)
