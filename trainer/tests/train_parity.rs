@@ -21,7 +21,8 @@ fn batch(vocab: i64) -> (Tensor, Tensor, BatchTensors) {
     let (b, t) = (2i64, 16i64);
     let ids: Vec<i64> = common::ids((b * t) as usize, 0, vocab, 21);
     // Unshifted labels for transformers: train the second half of each row.
-    let labels: Vec<i64> = ids.iter().enumerate().map(|(i, &x)| if (i as i64 % t) >= t / 2 { x } else { -100 }).collect();
+    let labels: Vec<i64> =
+        ids.iter().enumerate().map(|(i, &x)| if (i as i64 % t) >= t / 2 { x } else { -100 }).collect();
     let input = Tensor::from_slice(&ids).reshape([b, t]);
     let hf_labels = Tensor::from_slice(&labels).reshape([b, t]);
     // Ours: shifted within each row.
@@ -79,7 +80,15 @@ fn full_fine_tuning_step_equals_transformers() {
     let tmp = tempfile::tempdir().unwrap();
     let (inp, out) = (tmp.path().join("in.safetensors"), tmp.path().join("out.safetensors"));
     Tensor::write_safetensors(&[("input_ids", &input), ("labels", &labels)], &inp).unwrap();
-    oracle(&["train_step", dir.to_str().unwrap(), inp.to_str().unwrap(), out.to_str().unwrap(), &LR.to_string(), &WD.to_string(), &CLIP.to_string()]);
+    oracle(&[
+        "train_step",
+        dir.to_str().unwrap(),
+        inp.to_str().unwrap(),
+        out.to_str().unwrap(),
+        &LR.to_string(),
+        &WD.to_string(),
+        &CLIP.to_string(),
+    ]);
     let hf: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&out).unwrap().into_iter().collect();
     step_and_compare(&mut trainer, &hf, &bt);
 }
@@ -87,7 +96,12 @@ fn full_fine_tuning_step_equals_transformers() {
 #[test]
 fn lora_step_equals_peft() {
     let dir = fixture("tiny-llama");
-    let cfg = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()] };
+    let cfg = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+    };
     let mut trainer = Trainer::new(&dir, Kind::Float, Device::Cpu, Some(cfg), adamw(), 3).unwrap();
     // B starts at zero (step 0 equals the base model); give it values so that A's gradient is non-zero too.
     tch::no_grad(|| {

@@ -1,0 +1,139 @@
+//! Exact resume: 10 steps, stop, resume, 10 more give the same loss at every step and bit-identical
+//! weights as 20 steps straight (LoRA with dropout, so the RNG matters; and full fine-tuning in bf16 with
+//! fp32 master weights). A non-finite loss stops the run before the update and leaves the last good
+//! checkpoint intact.
+
+mod common;
+
+use ferrotune_trainer::checkpoint;
+use ferrotune_trainer::metrics::{Jsonl, Logger};
+use ferrotune_trainer::plan::RunConfig;
+use ferrotune_trainer::train::{train, RunOptions};
+use std::path::Path;
+
+/// libtorch's random generator is global to the process: every training step reseeds it and LoRA
+/// dropout draws from it, so runs in parallel test threads would disturb each other. One process runs
+/// one training in real use.
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn data(dir: &Path) -> std::path::PathBuf {
+    let p = dir.join("train.jsonl");
+    let lines: Vec<String> = (0..24)
+        .map(|i| format!(r#"{{"messages": [{{"role": "user", "content": "What is {i} plus {i}?"}}, {{"role": "assistant", "content": "{} is the answer{}"}}]}}"#, 2 * i, "!".repeat(i % 5)))
+        .collect();
+    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+    p
+}
+
+fn config(tmp: &Path, name: &str, lora: bool, dtype: &str) -> RunConfig {
+    let mut c = RunConfig::default();
+    c.model.path = common::fixture("tiny-llama");
+    c.model.template = "llama3".into();
+    c.model.dtype = dtype.into();
+    c.data.train = data(tmp);
+    c.data.max_seq_len = 64;
+    c.train.max_steps = 20;
+    c.train.batch_size = 2;
+    c.train.micro_batch_size = 1;
+    c.train.lr = 2e-3;
+    c.train.weight_decay = 0.01;
+    c.train.n_checkpoints = 1;
+    c.lora.enabled = lora;
+    c.lora.dropout = 0.1;
+    c.output.dir = tmp.join("runs");
+    c.output.run_name = name.into();
+    c
+}
+
+fn run(c: &RunConfig, resume: bool, stop_after: Option<u64>) -> ferrotune_trainer::train::Outcome {
+    let run_dir = c.output.dir.join(&c.output.run_name);
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let mut log = Jsonl::open(&run_dir.join("metrics.jsonl")).unwrap();
+    let out = train(c.clone(), RunOptions { resume, stop_after, progress: Box::new(|_, _| {}) }, &mut log).unwrap();
+    log.flush();
+    out
+}
+
+fn losses(run_dir: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("train/loss").is_some())
+        .map(|v| (v["step"].as_u64().unwrap(), v["train/loss"].as_f64().unwrap()))
+        .collect()
+}
+
+fn check_resume(lora: bool, dtype: &str) {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let straight = run(&config(tmp.path(), "straight", lora, dtype), false, None);
+    let c = config(tmp.path(), "split", lora, dtype);
+    let first = run(&c, false, Some(10));
+    assert_eq!((first.steps, first.export_dir.is_none()), (10, true));
+    let second = run(&c, true, None);
+    assert_eq!(second.steps, 20);
+    let (a, b) = (losses(&straight.run_dir), losses(&second.run_dir));
+    assert_eq!(a.len(), 20);
+    assert_eq!(a, b, "loss curves differ");
+    assert!(a[19].1 < a[0].1, "training did not lower the loss: {a:?}");
+    let file = if lora { "adapter/adapter_model.safetensors" } else { "model/model.safetensors" };
+    let wa = std::fs::read(straight.run_dir.join(file)).unwrap();
+    let wb = std::fs::read(second.run_dir.join(file)).unwrap();
+    assert!(wa == wb, "final weights differ");
+}
+
+#[test]
+fn lora_ten_plus_ten_equals_twenty() {
+    check_resume(true, "fp32");
+}
+
+#[test]
+fn full_bf16_ten_plus_ten_equals_twenty() {
+    check_resume(false, "bf16");
+}
+
+#[test]
+fn resume_needs_a_checkpoint_and_a_fresh_start_refuses_to_overwrite() {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let c = config(tmp.path(), "r", true, "fp32");
+    let err = train(
+        c.clone(),
+        RunOptions { resume: true, stop_after: None, progress: Box::new(|_, _| {}) },
+        &mut ferrotune_trainer::metrics::Null,
+    );
+    assert!(err.err().unwrap().to_string().contains("no complete checkpoint to resume from"));
+    run(&c, false, Some(2));
+    let err = train(
+        c,
+        RunOptions { resume: false, stop_after: None, progress: Box::new(|_, _| {}) },
+        &mut ferrotune_trainer::metrics::Null,
+    );
+    assert!(err.err().unwrap().to_string().contains("pass --resume"));
+}
+
+#[test]
+fn non_finite_loss_stops_before_the_update_and_keeps_the_last_checkpoint() {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = config(tmp.path(), "nan", false, "fp32");
+    c.train.lr = 1e6;
+    c.train.scheduler = "constant".into();
+    c.train.max_grad_norm = 0.0;
+    c.train.n_checkpoints = 20;
+    let err = train(
+        c.clone(),
+        RunOptions { resume: false, stop_after: None, progress: Box::new(|_, _| {}) },
+        &mut ferrotune_trainer::metrics::Null,
+    )
+    .err()
+    .expect("a learning rate of 1e6 must blow up");
+    let msg = err.to_string();
+    println!("{msg}");
+    assert!(msg.contains("loss is") && msg.contains("stopped before the update") && msg.contains("hint:"), "{msg}");
+    let run_dir = c.output.dir.join("nan");
+    let (step, dir) = checkpoint::latest(&run_dir).expect("a checkpoint from before the blow-up");
+    assert!(msg.contains(&format!("step {step}")), "{msg}");
+    assert!(dir.join("trainable.safetensors").exists() && dir.join(checkpoint::DONE).exists());
+}
