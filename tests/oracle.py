@@ -1,6 +1,7 @@
 """Hugging Face reference computations for ferrotune's tests (the oracle). Tests write their inputs,
 call this script with the project's venv python, and compare ferrotune's numbers with what it writes.
-Everything runs on CPU with transformers' default attention, in fp32 unless ORACLE_DTYPE=bfloat16.
+Everything runs on CPU with transformers' default attention, in fp32 unless ORACLE_DTYPE=bfloat16;
+ORACLE_ADAPTER=DIR puts a peft adapter on the model for `forward`.
 
   oracle.py forward MODEL_DIR IN.safetensors OUT.safetensors [GRAD_PARAM ...]
       IN holds input_ids (B, T) and optionally position_ids (B, T) and labels (B, T) (unshifted, -100 =
@@ -14,6 +15,9 @@ Everything runs on CPU with transformers' default attention, in fp32 unless ORAC
       IN's labels (unshifted), backward, clip_grad_norm_, torch.optim.AdamW (single-tensor path, no
       weight decay on 1-D parameters). OUT gets loss, grad_norm and param.NAME for every trainable
       parameter after the step (peft names without the adapter name).
+  oracle.py squad PAIRS.json OUT.json
+      EM and F1 of each [prediction, gold] pair by SQuAD v1.1's official evaluate-v1.1.py functions
+      (normalize_answer, exact_match_score, f1_score), transcribed below verbatim.
   oracle.py chat TOKENIZER_DIR TEMPLATE CONVERSATIONS.json OUT.json
       For each conversation (a list of {role, content}): transformers' apply_chat_template text
       (tokenize=False) and ids (tokenize=True), and `assistant_masks` when the template has
@@ -39,6 +43,11 @@ def load(model_dir):
 def forward(model_dir, inp, out, *grad_params):
     t = load_file(inp)
     model = load(model_dir)
+    if os.environ.get("ORACLE_ADAPTER"):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, os.environ["ORACLE_ADAPTER"])
+        model.eval()
     kwargs = {k: t[k] for k in ("position_ids", "labels") if k in t}
     res = model(input_ids=t["input_ids"], **kwargs)
     result = {"logits": res.logits.detach().float().contiguous()}
@@ -92,6 +101,50 @@ def train_step(model_dir, inp, out, lr, wd, clip, adapter=None):
     save_file(result, out)
 
 
+def normalize_answer(s):
+    import re
+    import string
+
+    def remove_articles(text):
+        return re.sub(r"\b(a|an|the)\b", " ", text)
+
+    def white_space_fix(text):
+        return " ".join(text.split())
+
+    def remove_punc(text):
+        exclude = set(string.punctuation)
+        return "".join(ch for ch in text if ch not in exclude)
+
+    def lower(text):
+        return text.lower()
+
+    return white_space_fix(remove_articles(remove_punc(lower(s))))
+
+
+def f1_score(prediction, ground_truth):
+    from collections import Counter
+
+    prediction_tokens = normalize_answer(prediction).split()
+    ground_truth_tokens = normalize_answer(ground_truth).split()
+    common = Counter(prediction_tokens) & Counter(ground_truth_tokens)
+    num_same = sum(common.values())
+    if num_same == 0:
+        return 0
+    precision = 1.0 * num_same / len(prediction_tokens)
+    recall = 1.0 * num_same / len(ground_truth_tokens)
+    f1 = (2 * precision * recall) / (precision + recall)
+    return f1
+
+
+def exact_match_score(prediction, ground_truth):
+    return normalize_answer(prediction) == normalize_answer(ground_truth)
+
+
+def squad(pairs_path, out):
+    pairs = json.load(open(pairs_path))
+    json.dump([[float(exact_match_score(p, g)), float(f1_score(p, g))] for p, g in pairs], open(out, "w"))
+
+
 def chat(tokenizer_dir, template, conversations_path, out):
     from transformers import AutoTokenizer
 
@@ -113,4 +166,4 @@ def chat(tokenizer_dir, template, conversations_path, out):
 
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
-    {"forward": forward, "generate": generate, "chat": chat, "train_step": train_step}[cmd](*args)
+    {"forward": forward, "generate": generate, "chat": chat, "train_step": train_step, "squad": squad}[cmd](*args)

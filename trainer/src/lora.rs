@@ -128,3 +128,42 @@ pub fn adapter_config(cfg: &LoraConfig, base_model: &str) -> serde_json::Value {
         "use_dora": false,
     })
 }
+
+/// Reads peft's adapter_config.json (LoRA only; rsLoRA, DoRA and trained biases are refused).
+pub fn read_adapter_config(dir: &std::path::Path) -> Result<LoraConfig, String> {
+    let p = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: invalid JSON: {e}", p.display()))?;
+    let bad = |k: &str, m: &str| format!("{}: `{k}` {m}", p.display());
+    if v.get("peft_type").and_then(|x| x.as_str()) != Some("LORA") {
+        return Err(bad("peft_type", "is not LORA"));
+    }
+    for k in ["use_rslora", "use_dora"] {
+        if v.get(k).and_then(|x| x.as_bool()) == Some(true) {
+            return Err(bad(k, "is not supported"));
+        }
+    }
+    if v.get("bias").and_then(|x| x.as_str()).is_some_and(|b| b != "none") {
+        return Err(bad("bias", "must be \"none\""));
+    }
+    let target_modules = match v.get("target_modules") {
+        Some(serde_json::Value::String(s)) => vec![s.clone()],
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect(),
+        _ => return Err(bad("target_modules", "is missing")),
+    };
+    Ok(LoraConfig {
+        r: v.get("r").and_then(|x| x.as_i64()).ok_or_else(|| bad("r", "is missing"))?,
+        alpha: v.get("lora_alpha").and_then(|x| x.as_f64()).ok_or_else(|| bad("lora_alpha", "is missing"))?,
+        dropout: v.get("lora_dropout").and_then(|x| x.as_f64()).unwrap_or(0.0),
+        target_modules,
+    })
+}
+
+/// Attaches the adapter saved in `dir` (peft layout) to `model`, for inference or further training.
+pub fn load_adapter(model: &mut Llama, dir: &std::path::Path) -> Result<(LoraConfig, Vec<(String, Tensor)>), String> {
+    let cfg = read_adapter_config(dir)?;
+    let named = attach(model, &cfg, Rc::new(Cell::new(false)))?;
+    crate::checkpoint::load_named(&dir.join("adapter_model.safetensors"), &named).map_err(|e| e.to_string())?;
+    Ok((cfg, named))
+}

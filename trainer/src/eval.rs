@@ -1,0 +1,145 @@
+//! Evaluation: SQuAD-style exact match and F1 (the normalisation and token F1 of SQuAD v1.1's official
+//! `evaluate-v1.1.py`), and CoQA-style conversational QA: every question of every conversation is
+//! answered by greedy generation (batched, KV cache) with the gold earlier answers as history, then
+//! scored. The validation loss lives with training (`train::validation_loss`).
+
+use crate::generate;
+use crate::model::Llama;
+use ferrotune_data::encode::Encoder;
+use ferrotune_data::record::{ChatMessage, Role};
+use ferrotune_data::template::Message;
+use serde::Serialize;
+use std::collections::HashMap;
+
+/// SQuAD's `normalize_answer`: lower-case, drop ASCII punctuation, drop the words a/an/the, collapse
+/// whitespace.
+pub fn normalize_answer(s: &str) -> String {
+    let lower = s.to_lowercase();
+    let no_punct: String = lower.chars().filter(|c| !c.is_ascii_punctuation()).collect();
+    // re.sub(r"\b(a|an|the)\b", " ", text): remove maximal word-character runs equal to an article.
+    let mut out = String::with_capacity(no_punct.len());
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        if matches!(word.as_str(), "a" | "an" | "the") {
+            out.push(' ');
+        } else {
+            out.push_str(word);
+        }
+        word.clear();
+    };
+    for c in no_punct.chars() {
+        if c.is_alphanumeric() || c == '_' {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+pub fn exact_match(prediction: &str, gold: &str) -> f64 {
+    f64::from(u8::from(normalize_answer(prediction) == normalize_answer(gold)))
+}
+
+pub fn f1(prediction: &str, gold: &str) -> f64 {
+    let p = normalize_answer(prediction);
+    let g = normalize_answer(gold);
+    let (pt, gt): (Vec<&str>, Vec<&str>) = (p.split_whitespace().collect(), g.split_whitespace().collect());
+    let mut counts: HashMap<&str, i64> = HashMap::new();
+    for t in &gt {
+        *counts.entry(t).or_default() += 1;
+    }
+    let mut same = 0i64;
+    for t in &pt {
+        if let Some(c) = counts.get_mut(t) {
+            if *c > 0 {
+                *c -= 1;
+                same += 1;
+            }
+        }
+    }
+    if same == 0 {
+        return 0.0;
+    }
+    let precision = same as f64 / pt.len() as f64;
+    let recall = same as f64 / gt.len() as f64;
+    2.0 * precision * recall / (precision + recall)
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Prediction {
+    pub conversation: usize,
+    pub turn: usize,
+    pub question: String,
+    pub gold: String,
+    pub prediction: String,
+    pub em: f64,
+    pub f1: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct QaScore {
+    /// Mean exact match and F1, in percent.
+    pub em: f64,
+    pub f1: f64,
+    pub questions: usize,
+    pub predictions: Vec<Prediction>,
+}
+
+/// Answers every assistant turn of `conversations` (system + alternating user/assistant) given the gold
+/// history before it, `batch` questions at a time, and scores the answers.
+pub fn coqa(
+    model: &Llama,
+    enc: &Encoder,
+    conversations: &[Vec<ChatMessage>],
+    max_new_tokens: usize,
+    batch: usize,
+) -> Result<QaScore, String> {
+    let template = enc.template.as_ref().ok_or("CoQA evaluation needs a chat template")?;
+    let mut jobs = vec![]; // (conversation, turn, prompt ids, question, gold)
+    for (c, conv) in conversations.iter().enumerate() {
+        let mut turn = 0;
+        for (i, m) in conv.iter().enumerate() {
+            if m.role != Role::Assistant || i == 0 {
+                continue;
+            }
+            let history: Vec<Message> = conv[..i].iter().map(|m| Message::new(m.role.as_str(), &m.content)).collect();
+            let text = template.render(&history, true).map_err(|e| e.to_string())?;
+            let ids: Vec<i64> =
+                enc.tokenizer.encode(&text).map_err(|e| e.to_string())?.into_iter().map(i64::from).collect();
+            jobs.push((c, turn, ids, conv[i - 1].content.clone(), m.content.clone()));
+            turn += 1;
+        }
+    }
+    let mut stop = model.config.eos_token_ids.clone();
+    if let Some(id) = enc.tokenizer.token_id(&template.eos_token) {
+        stop.push(i64::from(id));
+    }
+    let mut predictions = Vec::with_capacity(jobs.len());
+    for chunk in jobs.chunks(batch.max(1)) {
+        let prompts: Vec<Vec<i64>> = chunk.iter().map(|j| j.2.clone()).collect();
+        let outs = generate::greedy(model, &prompts, max_new_tokens, &stop);
+        for (j, out) in chunk.iter().zip(outs) {
+            let ids: Vec<u32> = out.iter().map(|&t| t as u32).collect();
+            let text = enc.tokenizer.decode(&ids).map_err(|e| e.to_string())?.trim().to_owned();
+            predictions.push(Prediction {
+                conversation: j.0,
+                turn: j.1,
+                question: j.3.clone(),
+                gold: j.4.clone(),
+                em: exact_match(&text, &j.4),
+                f1: f1(&text, &j.4),
+                prediction: text,
+            });
+        }
+    }
+    let n = predictions.len().max(1) as f64;
+    Ok(QaScore {
+        em: 100.0 * predictions.iter().map(|p| p.em).sum::<f64>() / n,
+        f1: 100.0 * predictions.iter().map(|p| p.f1).sum::<f64>() / n,
+        questions: predictions.len(),
+        predictions,
+    })
+}
