@@ -21,6 +21,10 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Fine-tune a model as a TOML run config describes (see configs/).
     Train(TrainArgs),
+    /// Evaluate a model (optionally with a LoRA adapter): masked loss, or CoQA-style EM/F1 by generation.
+    Eval(EvalArgs),
+    /// Merge a LoRA adapter into its base model and write a full Hugging Face checkpoint.
+    Export(ExportArgs),
     /// Validate a JSONL training file (line and message of every problem) and report token statistics.
     Check(CheckArgs),
     /// Show conversations with the tokens a masking strategy trains on marked.
@@ -146,7 +150,10 @@ pub struct CoqaArgs {
 impl Command {
     /// Whether the command runs models, and so runs in the libtorch-linked worker binary.
     pub fn needs_torch(&self) -> bool {
-        matches!(self, Command::Inspect(_) | Command::Generate(_) | Command::Train(_))
+        matches!(
+            self,
+            Command::Inspect(_) | Command::Generate(_) | Command::Train(_) | Command::Eval(_) | Command::Export(_)
+        )
     }
 
     /// A short name for messages.
@@ -155,6 +162,8 @@ impl Command {
             Command::Inspect(_) => "inspect",
             Command::Generate(_) => "generate",
             Command::Train(_) => "train",
+            Command::Eval(_) => "eval",
+            Command::Export(_) => "export",
             Command::Check(_) => "check",
             Command::Preview(_) => "preview",
             Command::Prepare(_) => "prepare",
@@ -208,4 +217,66 @@ pub struct TrainArgs {
     /// Stop (after writing a checkpoint) once this many optimizer steps have run in this invocation.
     #[arg(long, value_name = "N")]
     pub stop_after_steps: Option<u64>,
+}
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// Base model directory (Hugging Face layout).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// LoRA adapter directory (peft layout) to apply on the model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Conversations JSONL to evaluate on.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// `loss` (masked mean token loss) or `coqa` (answer every question with the gold history; EM/F1).
+    #[arg(long, default_value = "loss")]
+    pub metric: String,
+    /// Chat template: auto, llama3, chatml or a .jinja file.
+    #[arg(long, default_value = "auto")]
+    pub template: String,
+    /// Masking strategy for `loss`.
+    #[arg(long, default_value = "auto")]
+    pub strategy: String,
+    /// Row length for `loss`.
+    #[arg(long, default_value_t = 2048)]
+    pub max_seq_len: usize,
+    /// Longest answer for `coqa`, in tokens.
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    /// Questions (coqa) or rows (loss) per batch.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Where `coqa` writes one JSON line per question (default: DATA.predictions.jsonl).
+    #[arg(long)]
+    pub predictions: Option<PathBuf>,
+    /// Compute dtype: fp32 or bf16.
+    #[arg(long, default_value = "fp32")]
+    pub dtype: String,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct ExportArgs {
+    /// Base model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// LoRA adapter directory (peft layout).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Output directory (must not exist).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Merge the adapter into the weights (the only export so far; required for clarity).
+    #[arg(long, required = true)]
+    pub merge: bool,
+    /// Storage dtype of the written checkpoint: fp32 or bf16 (default: the base model's).
+    #[arg(long)]
+    pub dtype: Option<String>,
 }

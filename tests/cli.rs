@@ -138,3 +138,82 @@ fn data_commands_convert_check_preview_prepare() {
     let o = ferrotune(&["prepare", conv_s, "--model", model, "--strategy", "sometimes"]);
     assert!(text(&o).1.contains("unknown masking strategy `sometimes`"));
 }
+
+#[test]
+fn train_eval_export_end_to_end_on_the_tiny_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixtures::ensure("tiny-llama");
+    let model_s = model.to_str().unwrap();
+    let data = tmp.path().join("train.jsonl");
+    let lines: Vec<String> = (0..8)
+        .map(|i| format!(r#"{{"messages": [{{"role": "user", "content": "Say {i}."}}, {{"role": "assistant", "content": "{i}"}}]}}"#))
+        .collect();
+    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    let cfg = tmp.path().join("run.toml");
+    std::fs::write(
+        &cfg,
+        "[model]\ntemplate = \"llama3\"\n[data]\nmax_seq_len = 64\n[train]\nmax_steps = 3\nbatch_size = 2\nlr = 1e-3\n[output]\nrun_name = \"t\"\n",
+    )
+    .unwrap();
+    let runs = tmp.path().join("runs");
+    let sets = [
+        format!("model.path={model_s}"),
+        format!("data.train={}", data.display()),
+        format!("data.validation={}", data.display()),
+        format!("output.dir={}", runs.display()),
+        "eval.n_evals=1".to_string(),
+    ];
+    let mut args = vec!["train", cfg.to_str().unwrap()];
+    for s in &sets {
+        args.extend(["--set", s.as_str()]);
+    }
+    let o = ferrotune(&args);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("done: 3 steps") && err.contains("validation loss"), "{out}\n{err}");
+    let run = runs.join("t");
+    for f in [
+        "metrics.jsonl",
+        "config.toml",
+        "plan.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "checkpoints/step-3/DONE",
+    ] {
+        assert!(run.join(f).exists(), "{f} missing");
+    }
+    assert!(std::fs::read_dir(run.join("tensorboard")).unwrap().count() == 1);
+    // Unknown config keys are errors naming the key.
+    let o = ferrotune(&["train", cfg.to_str().unwrap(), "--set", "train.learning_rate=1"]);
+    assert!(!o.status.success() && text(&o).1.contains("learning_rate"), "{}", text(&o).1);
+    // Evaluate with the adapter, then merge it.
+    let adapter = run.join("adapter");
+    let o = ferrotune(&[
+        "eval",
+        "--model",
+        model_s,
+        "--template",
+        "llama3",
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let v: serde_json::Value = serde_json::from_str(text(&o).0.trim()).unwrap();
+    assert!(v["loss"].as_f64().unwrap().is_finite() && v["tokens"].as_u64().unwrap() == 16);
+    let merged = tmp.path().join("merged");
+    let o = ferrotune(&[
+        "export",
+        "--merge",
+        "--model",
+        model_s,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert!(merged.join("config.json").exists() && merged.join("tokenizer.json").exists());
+}

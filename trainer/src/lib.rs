@@ -15,6 +15,7 @@ pub mod optim;
 pub mod plan;
 pub mod rope;
 pub mod schedule;
+pub mod tensorboard;
 pub mod train;
 pub mod weights;
 

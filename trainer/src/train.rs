@@ -277,6 +277,7 @@ pub fn train(cfg: RunConfig, opts: RunOptions, logger: &mut dyn Logger) -> Resul
         170e9
     };
     let mut final_val = None;
+    let mut final_qa = None;
     let started_at = step;
     let mut window = (Instant::now(), 0usize, 0usize, 0.0f64); // (since, tokens, trained, flops)
     while step < plan.total_steps {
@@ -331,12 +332,22 @@ pub fn train(cfg: RunConfig, opts: RunOptions, logger: &mut dyn Logger) -> Resul
             );
             window = (Instant::now(), 0, 0, 0.0);
         }
-        if plan.eval_steps.contains(&step) {
+        if plan.eval_steps.contains(&step) || (step == plan.total_steps && cfg.eval.coqa) {
             if let Some(vc) = &val_cache {
                 let v = validation_loss(&trainer, vc, t.micro_batch_size, device);
                 logger.scalars(step, &[("eval/loss", v)]);
                 eprintln!("step {step}: validation loss {v:.4}");
                 final_val = Some(v);
+                if cfg.eval.coqa {
+                    let convs = ferrotune_data::coqa::read_conversations(&cfg.data.validation)
+                        .map_err(|e| Error::Invalid(e.to_string()))?;
+                    let s =
+                        crate::eval::coqa(&trainer.model, &enc, &convs, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+                            .map_err(Error::Invalid)?;
+                    logger.scalars(step, &[("eval/em", s.em), ("eval/f1", s.f1)]);
+                    eprintln!("step {step}: CoQA EM {:.1} F1 {:.1} ({} questions)", s.em, s.f1, s.questions);
+                    final_qa = Some((s.em, s.f1));
+                }
             }
         }
         let stopping = opts.stop_after.is_some_and(|n| step - started_at >= n);
@@ -367,6 +378,12 @@ pub fn train(cfg: RunConfig, opts: RunOptions, logger: &mut dyn Logger) -> Resul
         std::fs::remove_dir_all(&export_dir).map_err(Error::io(&export_dir))?;
     }
     trainer.export(&export_dir, &cfg.model.path)?;
+    let mut metrics = vec![("hparams/train_loss", last_loss)];
+    metrics.extend(final_val.map(|v| ("hparams/eval_loss", v)));
+    if let Some((em, f1)) = final_qa {
+        metrics.extend([("hparams/em", em), ("hparams/f1", f1)]);
+    }
+    logger.hparams(&hparams_of(&cfg, &plan), &metrics);
     Ok(Outcome { run_dir, steps: step, final_loss: last_loss, final_val_loss: final_val, export_dir: Some(export_dir) })
 }
 
@@ -384,4 +401,23 @@ pub fn validation_loss(trainer: &Trainer, cache: &TokenCache, micro: usize, devi
         n += b.trained;
     }
     sum / n.max(1) as f64
+}
+
+/// The hyperparameters shown in TensorBoard's HParams dashboard.
+pub fn hparams_of(cfg: &RunConfig, plan: &Plan) -> std::collections::BTreeMap<String, serde_json::Value> {
+    use serde_json::json;
+    let mut h = std::collections::BTreeMap::new();
+    h.insert("data.strategy".into(), json!(plan.mask.strategy.as_str()));
+    h.insert("data.max_seq_len".into(), json!(cfg.data.max_seq_len));
+    h.insert("train.lr".into(), json!(cfg.train.lr));
+    h.insert("train.scheduler".into(), json!(cfg.train.scheduler));
+    h.insert("train.rows_per_step".into(), json!(plan.rows_per_step));
+    h.insert("train.total_steps".into(), json!(plan.total_steps));
+    h.insert("model.dtype".into(), json!(cfg.model.dtype));
+    h.insert("lora.enabled".into(), json!(cfg.lora.enabled));
+    if cfg.lora.enabled {
+        h.insert("lora.r".into(), json!(cfg.lora.r));
+        h.insert("lora.alpha".into(), json!(cfg.lora.alpha));
+    }
+    h
 }

@@ -1,5 +1,6 @@
 //! Subcommands that need libtorch; they run inside `ferrotune-worker`.
 
+pub mod eval;
 pub mod generate;
 pub mod inspect;
 pub mod train;
@@ -12,6 +13,8 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Inspect(args) => inspect::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Train(args) => train::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Export(args) => eval::export(args),
         other => ferrotune::data_commands::run(other),
     }
 }

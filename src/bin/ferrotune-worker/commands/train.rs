@@ -5,13 +5,16 @@ use anyhow::{Context, Result};
 use ferrotune::cli::TrainArgs;
 use ferrotune_trainer::metrics::{FanOut, Jsonl, Logger};
 use ferrotune_trainer::plan::RunConfig;
+use ferrotune_trainer::tensorboard::TensorBoard;
 use ferrotune_trainer::train::{train, RunOptions};
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let cfg = RunConfig::load(Some(&args.config), &args.set)?;
     let run_dir = cfg.output.dir.join(&cfg.output.run_name);
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    let sinks: Vec<Box<dyn Logger>> = vec![Box::new(Jsonl::open(&run_dir.join("metrics.jsonl"))?)];
+    let tb_dir = run_dir.join("tensorboard");
+    let sinks: Vec<Box<dyn Logger>> =
+        vec![Box::new(Jsonl::open(&run_dir.join("metrics.jsonl"))?), Box::new(TensorBoard::create(&tb_dir)?)];
     let mut logger = FanOut(sinks);
     let bar = ferrotune::data_commands::progress_bar("tokenizing");
     let progress = Box::new(move |done: u64, total: u64| {
@@ -36,5 +39,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
     }
     println!("metrics: {}", outcome.run_dir.join("metrics.jsonl").display());
+    println!("view the run: tensorboard --logdir {}", tb_dir.display());
     Ok(())
 }

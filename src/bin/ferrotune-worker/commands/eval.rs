@@ -1,0 +1,109 @@
+//! `ferrotune eval` (masked loss or CoQA EM/F1 of a model, optionally with a LoRA adapter) and
+//! `ferrotune export --merge` (adapter folded into a full Hugging Face checkpoint).
+
+use anyhow::{bail, Context, Result};
+use ferrotune::cli::{EvalArgs, ExportArgs};
+use ferrotune::data_commands::encoder;
+use ferrotune_data::mask::{MaskOptions, Strategy};
+use ferrotune_data::pack::Overlong;
+use ferrotune_data::prepare::{prepare_to_file, PrepareOptions};
+use ferrotune_trainer::train::{parse_device, to_tensors};
+use ferrotune_trainer::{eval, load_model, lora, loss, parse_kind, weights, Llama};
+use std::io::Write;
+use std::path::Path;
+
+fn model_with_adapter(dir: &Path, adapter: Option<&Path>, dtype: &str, device: &str) -> Result<Llama> {
+    let mut model = load_model(dir, parse_kind(dtype)?, parse_device(device)?).context("loading the model")?;
+    if let Some(a) = adapter {
+        lora::load_adapter(&mut model, a)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("loading the adapter {}", a.display()))?;
+    }
+    Ok(model)
+}
+
+pub fn run(a: EvalArgs) -> Result<()> {
+    let model = model_with_adapter(&a.model, a.adapter.as_deref(), &a.dtype, &a.device)?;
+    let enc = encoder(&a.model, &a.template)?;
+    match a.metric.as_str() {
+        "coqa" => {
+            let conversations = ferrotune_data::coqa::read_conversations(&a.data)?;
+            let t0 = std::time::Instant::now();
+            let score =
+                eval::coqa(&model, &enc, &conversations, a.max_new_tokens, a.batch_size).map_err(anyhow::Error::msg)?;
+            let out = a.predictions.clone().unwrap_or_else(|| a.data.with_extension("predictions.jsonl"));
+            let mut f = std::io::BufWriter::new(
+                std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?,
+            );
+            for p in &score.predictions {
+                writeln!(f, "{}", serde_json::to_string(p)?)?;
+            }
+            f.flush()?;
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"em": score.em, "f1": score.f1, "questions": score.questions, "predictions": out})
+                );
+            } else {
+                println!(
+                    "CoQA: EM {:.1}  F1 {:.1}  over {} questions ({:.0}s); predictions in {}",
+                    score.em,
+                    score.f1,
+                    score.questions,
+                    t0.elapsed().as_secs_f64(),
+                    out.display()
+                );
+            }
+        }
+        "loss" => {
+            let Some(strategy) = Strategy::parse(&a.strategy) else {
+                bail!("unknown masking strategy `{}`", a.strategy)
+            };
+            let opts = PrepareOptions {
+                mask: MaskOptions { strategy, train_eot: true },
+                max_seq_len: a.max_seq_len,
+                overlong: Overlong::Truncate,
+                threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            };
+            let tmp = tempfile::tempdir()?;
+            let cache_path = tmp.path().join("eval.ftcache");
+            prepare_to_file(&a.data, &enc, &opts, &cache_path, &|_, _| {})?;
+            let cache = ferrotune_data::cache::TokenCache::open(&cache_path)?;
+            let loader = ferrotune_data::loader::Loader::new(&cache, 0, 1, 0, a.batch_size);
+            let rows: Vec<usize> = (0..cache.rows()).collect();
+            let (mut sum, mut n) = (0.0, 0usize);
+            let _g = tch::no_grad_guard();
+            for chunk in rows.chunks(a.batch_size.max(1)) {
+                let b = to_tensors(&loader.batch_of(chunk, 0), model.device());
+                let hidden = model.forward(&b.ids, &b.positions, Some(&b.docs), None);
+                sum += loss::masked_ce_sum(&model, &hidden, &b.idx, &b.targets).double_value(&[]);
+                n += b.trained;
+            }
+            let mean = sum / n.max(1) as f64;
+            if a.json {
+                println!("{}", serde_json::json!({"loss": mean, "tokens": n}));
+            } else {
+                println!("loss {mean:.4} over {n} trained tokens ({strategy})");
+            }
+        }
+        other => bail!("unknown metric `{other}`; expected loss or coqa"),
+    }
+    Ok(())
+}
+
+pub fn export(a: ExportArgs) -> Result<()> {
+    anyhow::ensure!(a.merge, "only merged exports exist; pass --merge");
+    let cfg = ferrotune_trainer::LlamaConfig::from_dir(&a.model)?;
+    let storage = match &a.dtype {
+        Some(d) => parse_kind(d)?,
+        None if cfg.dtype.as_deref() == Some("bfloat16") => tch::Kind::BFloat16,
+        None => tch::Kind::Float,
+    };
+    // Merge in fp32, whatever the storage dtype.
+    let mut model = model_with_adapter(&a.model, Some(&a.adapter), "fp32", "cpu")?;
+    lora::merge(&mut model);
+    weights::save_pretrained(&model, &a.out, storage, 2 << 30)?;
+    ferrotune_trainer::train::copy_tokenizer_files(&a.model, &a.out)?;
+    println!("merged {} into {} ({})", a.adapter.display(), a.out.display(), weights::dtype_name(storage));
+    Ok(())
+}
