@@ -16,13 +16,7 @@ fn adapter_loads_in_peft_and_merged_export_in_transformers_with_our_logits() {
     let cfg = LoraConfig { r: 4, alpha: 16.0, dropout: 0.1, target_modules: vec!["all-linear".into()] };
     let adamw = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
     let trainer = Trainer::new(&dir, Kind::Float, Device::Cpu, Some(cfg), adamw, 5).unwrap();
-    tch::no_grad(|| {
-        for (name, t) in &trainer.trainable {
-            if name.contains("lora_B") {
-                t.shallow_clone().copy_(&(Tensor::randn(t.size(), (Kind::Float, Device::Cpu)) * 0.1));
-            }
-        }
-    });
+    randomize_lora_b(&trainer.trainable, 0.1);
     let tmp = tempfile::tempdir().unwrap();
     let adapter = tmp.path().join("adapter");
     trainer.export(&adapter, &dir).unwrap();

@@ -68,6 +68,26 @@ fn step_and_compare(trainer: &mut Trainer, hf: &std::collections::HashMap<String
     assert_eq!(hf.keys().filter(|k| k.starts_with("param.")).count(), trainer.trainable.len());
 }
 
+/// transformers' (+ peft's, with `adapter`) step on the batch.
+fn hf_step(
+    dir: &std::path::Path,
+    input: &Tensor,
+    labels: &Tensor,
+    adapter: Option<&std::path::Path>,
+) -> std::collections::HashMap<String, Tensor> {
+    let tmp = tempfile::tempdir().unwrap();
+    let (inp, out) = (tmp.path().join("in.safetensors"), tmp.path().join("out.safetensors"));
+    Tensor::write_safetensors(&[("input_ids", input), ("labels", labels)], &inp).unwrap();
+    let (lr, wd, clip) = (LR.to_string(), WD.to_string(), CLIP.to_string());
+    let mut args =
+        vec!["train_step", dir.to_str().unwrap(), inp.to_str().unwrap(), out.to_str().unwrap(), &lr, &wd, &clip];
+    if let Some(a) = adapter {
+        args.push(a.to_str().unwrap());
+    }
+    oracle(&args);
+    Tensor::read_safetensors(&out).unwrap().into_iter().collect()
+}
+
 fn adamw() -> AdamWConfig {
     AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: WD }
 }
@@ -77,19 +97,7 @@ fn full_fine_tuning_step_equals_transformers() {
     let dir = fixture("tiny-llama-bias");
     let mut trainer = Trainer::new(&dir, Kind::Float, Device::Cpu, None, adamw(), 0).unwrap();
     let (input, labels, bt) = batch(trainer.model.config.vocab_size);
-    let tmp = tempfile::tempdir().unwrap();
-    let (inp, out) = (tmp.path().join("in.safetensors"), tmp.path().join("out.safetensors"));
-    Tensor::write_safetensors(&[("input_ids", &input), ("labels", &labels)], &inp).unwrap();
-    oracle(&[
-        "train_step",
-        dir.to_str().unwrap(),
-        inp.to_str().unwrap(),
-        out.to_str().unwrap(),
-        &LR.to_string(),
-        &WD.to_string(),
-        &CLIP.to_string(),
-    ]);
-    let hf: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&out).unwrap().into_iter().collect();
+    let hf = hf_step(&dir, &input, &labels, None);
     step_and_compare(&mut trainer, &hf, &bt);
 }
 
@@ -104,29 +112,11 @@ fn lora_step_equals_peft() {
     };
     let mut trainer = Trainer::new(&dir, Kind::Float, Device::Cpu, Some(cfg), adamw(), 3).unwrap();
     // B starts at zero (step 0 equals the base model); give it values so that A's gradient is non-zero too.
-    tch::no_grad(|| {
-        for (name, t) in &trainer.trainable {
-            if name.contains("lora_B") {
-                t.shallow_clone().copy_(&(Tensor::randn(t.size(), (Kind::Float, Device::Cpu)) * 0.05));
-            }
-        }
-    });
+    randomize_lora_b(&trainer.trainable, 0.05);
     let tmp = tempfile::tempdir().unwrap();
     let adapter = tmp.path().join("adapter");
     trainer.export(&adapter, &dir).unwrap();
     let (input, labels, bt) = batch(trainer.model.config.vocab_size);
-    let (inp, out) = (tmp.path().join("in.safetensors"), tmp.path().join("out.safetensors"));
-    Tensor::write_safetensors(&[("input_ids", &input), ("labels", &labels)], &inp).unwrap();
-    oracle(&[
-        "train_step",
-        dir.to_str().unwrap(),
-        inp.to_str().unwrap(),
-        out.to_str().unwrap(),
-        &LR.to_string(),
-        &WD.to_string(),
-        &CLIP.to_string(),
-        adapter.to_str().unwrap(),
-    ]);
-    let hf: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&out).unwrap().into_iter().collect();
+    let hf = hf_step(&dir, &input, &labels, Some(&adapter));
     step_and_compare(&mut trainer, &hf, &bt);
 }

@@ -66,3 +66,15 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 pub fn max_abs(a: &Tensor) -> f64 {
     a.to_kind(Kind::Float).abs().max().double_value(&[])
 }
+
+/// Gives every LoRA B (zero at start, so that step 0 equals the base model) random values, so that the
+/// adapters change the output and A receives gradients.
+pub fn randomize_lora_b(trainable: &[(String, Tensor)], scale: f64) {
+    tch::no_grad(|| {
+        for (name, t) in trainable {
+            if name.contains("lora_B") {
+                t.shallow_clone().copy_(&(Tensor::randn(t.size(), (Kind::Float, t.device())) * scale));
+            }
+        }
+    });
+}
