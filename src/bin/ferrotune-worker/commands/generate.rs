@@ -4,20 +4,10 @@
 use anyhow::{Context, Result};
 use ferrotune::cli::GenerateArgs;
 use ferrotune_data::{ChatTemplate, Message, Tokenizer};
+use ferrotune_trainer::train::parse_device;
 use ferrotune_trainer::{generate, load_model, parse_kind};
 use std::time::Instant;
 use tch::Device;
-
-pub fn parse_device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::Cuda(0)),
-        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => Ok(Device::Cuda(n)),
-            None => anyhow::bail!("unknown device `{other}`; expected cpu, cuda or cuda:N"),
-        },
-    }
-}
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     let kind = parse_kind(&args.dtype)?;
