@@ -10,7 +10,7 @@ use crate::weights;
 use ferrotune_data::loader::LoaderState;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 pub const DONE: &str = "DONE";
 
@@ -73,18 +73,10 @@ pub fn save(run_dir: &Path, step: u64, write: impl FnOnce(&Path) -> Result<()>) 
     Ok(done)
 }
 
-/// Saves named tensors (in their own dtype) as one safetensors file.
+/// Saves named tensors, each in its own dtype, as one safetensors file (complete or absent).
 pub fn save_named(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let kind = tensors.first().map_or(Kind::Float, |(_, t)| t.kind());
-    let dir = path.parent().expect("file in a directory");
-    let tmp = dir.join(".tensors.tmp");
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(Error::io(&tmp))?;
-    }
-    std::fs::create_dir(&tmp).map_err(Error::io(&tmp))?;
-    weights::save_tensors(&tmp, tensors, kind, usize::MAX)?;
-    std::fs::rename(tmp.join(weights::SINGLE), path).map_err(Error::io(path))?;
-    std::fs::remove_dir_all(&tmp).map_err(Error::io(&tmp))
+    let refs: Vec<&(String, Tensor)> = tensors.iter().collect();
+    weights::write_file(path, &refs, None).map(|_| ())
 }
 
 /// Copies tensors saved by `save_named` into `into` (matched by name, shapes checked), under no_grad.

@@ -5,7 +5,6 @@
 //! rate or all-reduce gradients.
 
 use crate::error::{Error, Result};
-use crate::weights;
 use std::collections::HashMap;
 use std::path::Path;
 use tch::{Kind, Tensor};
@@ -113,15 +112,8 @@ impl AdamW {
                 named.push((format!("{}.master", p.name), m.shallow_clone()));
             }
         }
-        let step = Tensor::from_slice(&[self.step as i64]);
-        named.push(("step".into(), step));
-        let tmp = tempdir_in(dir)?;
-        weights::save_tensors(&tmp, &named, Kind::Float, usize::MAX)?;
-        let src = tmp.join(weights::SINGLE);
-        let dst = dir.join("optimizer.safetensors");
-        std::fs::rename(&src, &dst).map_err(Error::io(&dst))?;
-        std::fs::remove_dir_all(&tmp).map_err(Error::io(&tmp))?;
-        Ok(())
+        named.push(("step".into(), Tensor::from_slice(&[self.step as i64])));
+        crate::checkpoint::save_named(&dir.join("optimizer.safetensors"), &named)
     }
 
     /// Restores what `save` wrote; every parameter must be there with its shape.
@@ -160,13 +152,4 @@ impl AdamW {
         self.step = step.int64_value(&[0]) as u64;
         Ok(())
     }
-}
-
-fn tempdir_in(dir: &Path) -> Result<std::path::PathBuf> {
-    let tmp = dir.join(".optimizer.tmp");
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(Error::io(&tmp))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(Error::io(&tmp))?;
-    Ok(tmp)
 }

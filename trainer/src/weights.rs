@@ -215,10 +215,38 @@ pub fn tensor_of_view(view: &TensorView<'_>, path: &Path, name: &str) -> Result<
     }
 }
 
+/// Writes `tensors` to one safetensors file at `path`, each converted to `kind` or, with `None`, kept in
+/// its own dtype. The file is written under a temporary name and renamed, so it is complete or absent.
+pub fn write_file(path: &Path, tensors: &[&(String, Tensor)], kind: Option<Kind>) -> Result<usize> {
+    let mut bufs: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let t = t.to_device(Device::Cpu).to_kind(kind.unwrap_or(t.kind())).contiguous();
+        let dtype =
+            dtype_of(t.kind()).ok_or_else(|| Error::Invalid(format!("cannot save `{name}` as {:?}", t.kind())))?;
+        let numel = t.numel();
+        let mut buf = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut buf, numel)?;
+        bufs.push((name.clone(), dtype, t.size().iter().map(|&d| d as usize).collect(), buf));
+    }
+    let bytes = bufs.iter().map(|b| b.3.len()).sum();
+    let views: Vec<(String, TensorView<'_>)> = bufs
+        .iter()
+        .map(|(name, dtype, shape, buf)| {
+            (name.clone(), TensorView::new(*dtype, shape.clone(), buf).expect("shape matches buffer"))
+        })
+        .collect();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.partial"));
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, Some(meta), &tmp)
+        .map_err(|e| Error::Checkpoint { path: path.to_owned(), msg: format!("cannot write: {e}") })?;
+    std::fs::rename(&tmp, path).map_err(Error::io(path))?;
+    Ok(bytes)
+}
+
 /// Writes `tensors` as safetensors shards of at most `max_shard_bytes` (plus an index when there is more
 /// than one) into `dir`, which must exist. Tensors are converted to `kind` first.
 pub fn save_tensors(dir: &Path, tensors: &[(String, Tensor)], kind: Kind, max_shard_bytes: usize) -> Result<()> {
-    let dtype = dtype_of(kind).ok_or_else(|| Error::Invalid(format!("cannot save tensors as {kind:?}")))?;
     let elt = kind.elt_size_in_bytes();
     let mut groups: Vec<Vec<&(String, Tensor)>> = vec![vec![]];
     let mut size = 0usize;
@@ -236,27 +264,10 @@ pub fn save_tensors(dir: &Path, tensors: &[(String, Tensor)], kind: Kind, max_sh
     let mut total = 0usize;
     for (i, group) in groups.iter().enumerate() {
         let file = if n == 1 { SINGLE.to_owned() } else { format!("model-{:05}-of-{:05}.safetensors", i + 1, n) };
-        let mut bufs: Vec<(String, Vec<usize>, Vec<u8>)> = vec![];
-        for (name, t) in group {
-            let t = t.to_device(Device::Cpu).to_kind(kind).contiguous();
-            let numel = t.numel();
-            let mut buf = vec![0u8; numel * elt];
-            t.f_copy_data_u8(&mut buf, numel)?;
-            total += buf.len();
-            bufs.push((name.clone(), t.size().iter().map(|&d| d as usize).collect(), buf));
+        total += write_file(&dir.join(&file), group, Some(kind))?;
+        for (name, _) in group {
             weight_map.insert(name.clone(), file.clone().into());
         }
-        let views: Vec<(String, TensorView<'_>)> = bufs
-            .iter()
-            .map(|(name, shape, buf)| {
-                let view = TensorView::new(dtype, shape.clone(), buf).expect("shape matches buffer");
-                (name.clone(), view)
-            })
-            .collect();
-        let path = dir.join(&file);
-        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        safetensors::serialize_to_file(views, Some(meta), &path)
-            .map_err(|e| Error::Checkpoint { path: path.clone(), msg: format!("cannot write: {e}") })?;
     }
     if n > 1 {
         let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
