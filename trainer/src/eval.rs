@@ -1,15 +1,39 @@
 //! Evaluation: SQuAD-style exact match and F1 (the normalisation and token F1 of SQuAD v1.1's official
 //! `evaluate-v1.1.py`), and CoQA-style conversational QA: every question of every conversation is
 //! answered by greedy generation (batched, KV cache) with the gold earlier answers as history, then
-//! scored. The validation loss lives with training (`train::validation_loss`).
+//! scored. Also the masked mean loss over a token cache (validation during training, `eval --metric loss`).
 
-use crate::generate;
 use crate::model::Llama;
+use crate::train::to_tensors;
+use crate::{generate, loss};
+use ferrotune_data::cache::TokenCache;
 use ferrotune_data::encode::Encoder;
+use ferrotune_data::loader::Loader;
 use ferrotune_data::record::{ChatMessage, Role};
 use ferrotune_data::template::Message;
 use serde::Serialize;
 use std::collections::HashMap;
+use tch::{Kind, Tensor};
+
+/// Mean token loss over every row of `cache`, `batch` rows at a time, and the trained-token count. The
+/// sum stays on the device until the end: one host sync per evaluation.
+pub fn mean_loss(model: &Llama, cache: &TokenCache, batch: usize) -> (f64, usize) {
+    let _g = tch::no_grad_guard();
+    let loader = Loader::new(cache, 0, 1, 0, batch.max(1));
+    let rows: Vec<usize> = (0..cache.rows()).collect();
+    let mut sum = Tensor::zeros([], (Kind::Float, model.device()));
+    let mut n = 0usize;
+    for chunk in rows.chunks(batch.max(1)) {
+        let b = to_tensors(&loader.batch_of(chunk, 0), model.device());
+        if b.trained == 0 {
+            continue;
+        }
+        let hidden = model.forward(&b.ids, &b.positions, Some(&b.docs), None);
+        sum += loss::masked_ce_sum(model, &hidden, &b.idx, &b.targets);
+        n += b.trained;
+    }
+    (sum.double_value(&[]) / n.max(1) as f64, n)
+}
 
 /// SQuAD's `normalize_answer`: lower-case, drop ASCII punctuation, drop the words a/an/the, collapse
 /// whitespace.

@@ -101,13 +101,6 @@ impl Trainer {
         sum.detach()
     }
 
-    /// Sum of token losses of a batch without gradients (evaluation).
-    pub fn loss_sum(&self, b: &BatchTensors) -> Tensor {
-        let _g = tch::no_grad_guard();
-        let hidden = self.model.forward(&b.ids, &b.positions, Some(&b.docs), None);
-        loss::masked_ce_sum(&self.model, &hidden, &b.idx, &b.targets)
-    }
-
     /// Writes the adapter (peft layout) or the whole model (Hugging Face layout) to `dir`.
     pub fn export(&self, dir: &Path, base_model: &Path) -> Result<()> {
         match &self.lora {
@@ -334,7 +327,7 @@ pub fn train(cfg: RunConfig, opts: RunOptions, logger: &mut dyn Logger) -> Resul
         }
         if plan.eval_steps.contains(&step) || (step == plan.total_steps && cfg.eval.coqa) {
             if let Some(vc) = &val_cache {
-                let v = validation_loss(&trainer, vc, t.micro_batch_size, device);
+                let (v, _) = crate::eval::mean_loss(&trainer.model, vc, t.micro_batch_size);
                 logger.scalars(step, &[("eval/loss", v)]);
                 eprintln!("step {step}: validation loss {v:.4}");
                 final_val = Some(v);
@@ -385,22 +378,6 @@ pub fn train(cfg: RunConfig, opts: RunOptions, logger: &mut dyn Logger) -> Resul
     }
     logger.hparams(&hparams_of(&cfg, &plan), &metrics);
     Ok(Outcome { run_dir, steps: step, final_loss: last_loss, final_val_loss: final_val, export_dir: Some(export_dir) })
-}
-
-/// Mean token loss over every row of a cache.
-pub fn validation_loss(trainer: &Trainer, cache: &TokenCache, micro: usize, device: Device) -> f64 {
-    let loader = Loader::new(cache, 0, 1, 0, micro);
-    let rows: Vec<usize> = (0..cache.rows()).collect();
-    let (mut sum, mut n) = (0.0, 0usize);
-    for chunk in rows.chunks(micro) {
-        let b = to_tensors(&loader.batch_of(chunk, 0), device);
-        if b.trained == 0 {
-            continue;
-        }
-        sum += trainer.loss_sum(&b).double_value(&[]);
-        n += b.trained;
-    }
-    sum / n.max(1) as f64
 }
 
 /// The hyperparameters shown in TensorBoard's HParams dashboard.

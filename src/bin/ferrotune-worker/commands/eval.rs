@@ -7,8 +7,8 @@ use ferrotune::data_commands::encoder;
 use ferrotune_data::mask::{MaskOptions, Strategy};
 use ferrotune_data::pack::Overlong;
 use ferrotune_data::prepare::{prepare_to_file, PrepareOptions};
-use ferrotune_trainer::train::{parse_device, to_tensors};
-use ferrotune_trainer::{eval, load_model, lora, loss, parse_kind, weights, Llama};
+use ferrotune_trainer::train::parse_device;
+use ferrotune_trainer::{eval, load_model, lora, parse_kind, weights, Llama};
 use std::io::Write;
 use std::path::Path;
 
@@ -69,17 +69,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             let cache_path = tmp.path().join("eval.ftcache");
             prepare_to_file(&a.data, &enc, &opts, &cache_path, &|_, _| {})?;
             let cache = ferrotune_data::cache::TokenCache::open(&cache_path)?;
-            let loader = ferrotune_data::loader::Loader::new(&cache, 0, 1, 0, a.batch_size);
-            let rows: Vec<usize> = (0..cache.rows()).collect();
-            let (mut sum, mut n) = (0.0, 0usize);
-            let _g = tch::no_grad_guard();
-            for chunk in rows.chunks(a.batch_size.max(1)) {
-                let b = to_tensors(&loader.batch_of(chunk, 0), model.device());
-                let hidden = model.forward(&b.ids, &b.positions, Some(&b.docs), None);
-                sum += loss::masked_ce_sum(&model, &hidden, &b.idx, &b.targets).double_value(&[]);
-                n += b.trained;
-            }
-            let mean = sum / n.max(1) as f64;
+            let (mean, n) = eval::mean_loss(&model, &cache, a.batch_size);
             if a.json {
                 println!("{}", serde_json::json!({"loss": mean, "tokens": n}));
             } else {
