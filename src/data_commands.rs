@@ -11,7 +11,6 @@ use ferrotune_data::pack::Overlong;
 use ferrotune_data::prepare::{default_cache_path, prepare_to_file, PrepareOptions};
 use ferrotune_data::preview::{marked, view, Marking};
 use ferrotune_data::record::parse_line;
-use ferrotune_data::{ChatTemplate, Tokenizer};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 
@@ -29,16 +28,9 @@ pub fn run(command: Command) -> Result<()> {
     }
 }
 
-/// Tokenizer and template of a model directory. A missing template is only an error when a
-/// conversation needs it, so `auto` falls back to none for tokenizers that ship no template.
+/// Tokenizer and chat template of a model directory (see `Encoder::from_model_dir`).
 pub fn encoder(dir: &Path, template: &str) -> Result<Encoder> {
-    let tokenizer = Tokenizer::from_dir(dir)?;
-    let template = match ChatTemplate::load(dir, template) {
-        Ok(t) => Some(t),
-        Err(e) if template == "auto" && e.to_string().contains("ships no chat template") => None,
-        Err(e) => return Err(e.into()),
-    };
-    Ok(Encoder::new(tokenizer, template)?)
+    Ok(Encoder::from_model_dir(dir, template)?)
 }
 
 pub fn encoder_of(t: &TokenizerArgs) -> Result<Encoder> {
@@ -133,8 +125,10 @@ fn prepare(a: PrepareArgs) -> Result<()> {
         other => bail!("--overlong must be truncate or drop, not `{other}`"),
     };
     anyhow::ensure!(a.max_seq_len >= 8, "--max-seq-len {} is too small", a.max_seq_len);
-    let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let opts = PrepareOptions { mask: mask_options(&a.mask)?, max_seq_len: a.max_seq_len, overlong, threads };
+    let mut opts = PrepareOptions::new(mask_options(&a.mask)?, a.max_seq_len, overlong);
+    if let Some(t) = a.threads {
+        opts.threads = t;
+    }
     let out = a.out.clone().unwrap_or_else(|| default_cache_path(&a.data, &opts));
     let t0 = std::time::Instant::now();
     let bar = progress_bar("preparing");

@@ -66,6 +66,12 @@ pub struct Encoder {
 }
 
 impl Encoder {
+    /// The tokenizer of the model directory `dir` with the chat template `template` (`auto`: the
+    /// model's own, if it ships one; see `ChatTemplate::find`).
+    pub fn from_model_dir(dir: &std::path::Path, template: &str) -> Result<Self> {
+        Self::new(Tokenizer::from_dir(dir)?, ChatTemplate::find(dir, template)?)
+    }
+
     pub fn new(tokenizer: Tokenizer, template: Option<ChatTemplate>) -> Result<Self> {
         let special: HashSet<u32> =
             tokenizer.inner.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(&id, _)| id).collect();
@@ -128,7 +134,10 @@ impl Encoder {
 
     fn encode_messages(&self, messages: &[ChatMessage]) -> Result<Encoded> {
         let template = self.template.as_ref().ok_or_else(|| {
-            DataError::at(&self.tokenizer.path, "conversations need a chat template; hint: pass --template")
+            DataError::at(
+                &self.tokenizer.path,
+                "conversations need a chat template and this tokenizer ships none; hint: choose one with --template llama3, --template chatml or a .jinja file (model.template in a run config)",
+            )
         })?;
         let r = template.render_spans(messages)?;
         let toks = self.tokenizer.encode_offsets(&r.text)?;

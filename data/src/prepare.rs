@@ -21,6 +21,14 @@ pub struct PrepareOptions {
     pub threads: usize,
 }
 
+impl PrepareOptions {
+    /// Options with one encoding thread per core.
+    pub fn new(mask: MaskOptions, max_seq_len: usize, overlong: Overlong) -> Self {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        PrepareOptions { mask, max_seq_len, overlong, threads }
+    }
+}
+
 /// What a record becomes: a sample, or nothing to train on.
 pub fn sample_of(encoder: &Encoder, record: &Record, mask: MaskOptions) -> Result<Sample> {
     let enc = encoder.encode(record)?;

@@ -9,6 +9,7 @@
 
 use crate::error::{DataError, Result};
 use crate::record::ChatMessage;
+use crate::tokenizer::SpecialTokens;
 use minijinja::{Environment, Error as JinjaError, ErrorKind, Value};
 use serde::Serialize;
 use std::ops::Range;
@@ -70,17 +71,22 @@ impl ChatTemplate {
     /// Picks the template: `auto` (the model's own), `llama3` or `chatml` (built in), or a path to a
     /// `.jinja` file. Special-token strings come from `dir`'s tokenizer_config.json either way.
     pub fn load(dir: &Path, choice: &str) -> Result<Self> {
-        if choice == "auto" {
-            return Self::from_dir(dir).map_err(|e| match e {
-                DataError::At { path, msg } if msg.contains("ships no chat template") => DataError::At {
-                    path,
-                    msg: format!("{msg} (--template llama3 or --template chatml, or a .jinja file)"),
-                },
-                other => other,
-            });
-        }
-        let (bos, eos) = special_tokens(dir)?;
+        Self::find(dir, choice)?.ok_or_else(|| {
+            DataError::at(
+                dir,
+                "the tokenizer ships no chat template (no chat_template.jinja, no `chat_template` in tokenizer_config.json); hint: choose one with --template llama3, --template chatml or a .jinja file",
+            )
+        })
+    }
+
+    /// Like `load`, but `auto` on a tokenizer that ships no template is `None` rather than an error
+    /// (plain-text and prompt/completion data need none).
+    pub fn find(dir: &Path, choice: &str) -> Result<Option<Self>> {
         let (source, origin) = match choice {
+            "auto" => match own_source(dir)? {
+                Some(found) => found,
+                None => return Ok(None),
+            },
             "llama3" => (LLAMA3.to_owned(), PathBuf::from("<built-in llama3>")),
             "chatml" => (CHATML.to_owned(), PathBuf::from("<built-in chatml>")),
             path => {
@@ -88,42 +94,13 @@ impl ChatTemplate {
                 (std::fs::read_to_string(&p).map_err(DataError::io(&p))?, p)
             }
         };
-        Self::new(source, origin, bos, eos)
+        let special = SpecialTokens::from_dir(dir)?;
+        Self::new(source, origin, special.bos.unwrap_or_default(), special.eos.unwrap_or_default()).map(Some)
     }
 
-    /// Loads the template of the tokenizer directory `dir`.
+    /// Loads the model's own template from the tokenizer directory `dir`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        let cfg_path = dir.join("tokenizer_config.json");
-        let cfg: serde_json::Value = if cfg_path.exists() {
-            let text = std::fs::read_to_string(&cfg_path).map_err(DataError::io(&cfg_path))?;
-            serde_json::from_str(&text).map_err(|e| DataError::at(&cfg_path, format!("invalid JSON: {e}")))?
-        } else {
-            serde_json::Value::Null
-        };
-        let jinja = dir.join("chat_template.jinja");
-        let (source, origin) = if jinja.exists() {
-            (std::fs::read_to_string(&jinja).map_err(DataError::io(&jinja))?, jinja)
-        } else {
-            match cfg.get("chat_template") {
-                Some(serde_json::Value::String(s)) => (s.clone(), cfg_path.clone()),
-                // A list of named templates: use the one named "default".
-                Some(serde_json::Value::Array(list)) => {
-                    let found = list.iter().find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"));
-                    let s = found.and_then(|t| t.get("template")).and_then(|t| t.as_str()).ok_or_else(|| {
-                        DataError::at(&cfg_path, "chat_template is a list without a template named \"default\"")
-                    })?;
-                    (s.to_owned(), cfg_path.clone())
-                }
-                _ => {
-                    return Err(DataError::at(
-                        dir,
-                        "the tokenizer ships no chat template (no chat_template.jinja, no `chat_template` in tokenizer_config.json); hint: choose a built-in template",
-                    ))
-                }
-            }
-        };
-        let (bos, eos) = special_tokens(dir)?;
-        Self::new(source, origin, bos, eos)
+        Self::load(dir, "auto")
     }
 
     /// Compiles `source`; `origin` names it in errors.
@@ -309,23 +286,26 @@ pub fn format_utc(secs: i64, format: &str) -> String {
     out
 }
 
-/// bos/eos token strings of a tokenizer directory (plain strings or AddedToken objects).
-fn special_tokens(dir: &Path) -> Result<(String, String)> {
-    let path = dir.join("tokenizer_config.json");
-    if !path.exists() {
-        return Ok((String::new(), String::new()));
+/// The template a tokenizer directory ships (`chat_template.jinja`, or `chat_template` in
+/// tokenizer_config.json: a string, or a list of named templates of which "default" is used).
+fn own_source(dir: &Path) -> Result<Option<(String, PathBuf)>> {
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.exists() {
+        return Ok(Some((std::fs::read_to_string(&jinja).map_err(DataError::io(&jinja))?, jinja)));
     }
-    let text = std::fs::read_to_string(&path).map_err(DataError::io(&path))?;
-    let cfg: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| DataError::at(&path, format!("invalid JSON: {e}")))?;
-    let token = |key: &str| -> String {
-        match cfg.get(key) {
-            Some(serde_json::Value::String(s)) => s.clone(),
-            Some(v) => v.get("content").and_then(|c| c.as_str()).unwrap_or_default().to_owned(),
-            None => String::new(),
+    let cfg_path = dir.join("tokenizer_config.json");
+    let cfg = crate::tokenizer::read_config(dir)?;
+    match cfg.get("chat_template") {
+        Some(serde_json::Value::String(s)) => Ok(Some((s.clone(), cfg_path))),
+        Some(serde_json::Value::Array(list)) => {
+            let found = list.iter().find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"));
+            let s = found.and_then(|t| t.get("template")).and_then(|t| t.as_str()).ok_or_else(|| {
+                DataError::at(&cfg_path, "chat_template is a list without a template named \"default\"")
+            })?;
+            Ok(Some((s.to_owned(), cfg_path)))
         }
-    };
-    Ok((token("bos_token"), token("eos_token")))
+        _ => Ok(None),
+    }
 }
 
 /// Rewrites `{%- generation -%}` / `{% endgeneration %}` (any whitespace control) into block tags that

@@ -8,9 +8,38 @@ use std::path::{Path, PathBuf};
 pub struct Tokenizer {
     pub inner: tokenizers::Tokenizer,
     pub path: PathBuf,
-    /// `eos_token` and `pad_token` of tokenizer_config.json.
-    eos: Option<String>,
-    pad: Option<String>,
+    pub special: SpecialTokens,
+}
+
+/// Special-token strings of tokenizer_config.json (each a string or an AddedToken object).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SpecialTokens {
+    pub bos: Option<String>,
+    pub eos: Option<String>,
+    pub pad: Option<String>,
+}
+
+impl SpecialTokens {
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let cfg = read_config(dir)?;
+        let token = |key: &str| -> Option<String> {
+            match cfg.get(key)? {
+                serde_json::Value::String(s) => Some(s.clone()),
+                o => o.get("content")?.as_str().map(str::to_owned),
+            }
+        };
+        Ok(SpecialTokens { bos: token("bos_token"), eos: token("eos_token"), pad: token("pad_token") })
+    }
+}
+
+/// `DIR/tokenizer_config.json` parsed (`null` when the file does not exist).
+pub fn read_config(dir: &Path) -> Result<serde_json::Value> {
+    let path = dir.join("tokenizer_config.json");
+    if !path.exists() {
+        return Ok(serde_json::Value::Null);
+    }
+    let text = std::fs::read_to_string(&path).map_err(DataError::io(&path))?;
+    serde_json::from_str(&text).map_err(|e| DataError::at(&path, format!("invalid JSON: {e}")))
 }
 
 impl Tokenizer {
@@ -26,16 +55,7 @@ impl Tokenizer {
         }
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| DataError::Tokenizer { path: path.clone(), msg: e.to_string() })?;
-        let cfg = dir.join("tokenizer_config.json");
-        let cfg: Option<serde_json::Value> =
-            std::fs::read_to_string(&cfg).ok().and_then(|t| serde_json::from_str(&t).ok());
-        let token = |key: &str| -> Option<String> {
-            match cfg.as_ref()?.get(key)? {
-                serde_json::Value::String(s) => Some(s.clone()),
-                o => o.get("content")?.as_str().map(str::to_owned),
-            }
-        };
-        Ok(Tokenizer { inner, path, eos: token("eos_token"), pad: token("pad_token") })
+        Ok(Tokenizer { inner, path, special: SpecialTokens::from_dir(dir)? })
     }
 
     /// Token ids of `text`, special tokens written in the text recognised, none added.
@@ -67,12 +87,12 @@ impl Tokenizer {
 
     /// The id of `pad_token` from tokenizer_config.json, if any.
     pub fn pad_id(&self) -> Option<u32> {
-        self.pad.as_deref().and_then(|t| self.token_id(t))
+        self.special.pad.as_deref().and_then(|t| self.token_id(t))
     }
 
     /// The id of `eos_token` from tokenizer_config.json, if any.
     pub fn eos_id(&self) -> Option<u32> {
-        self.eos.as_deref().and_then(|t| self.token_id(t))
+        self.special.eos.as_deref().and_then(|t| self.token_id(t))
     }
 
     /// Text of `ids` with special tokens kept (for showing what the model sees).

@@ -30,7 +30,7 @@ pub struct ModelSection {
     pub path: PathBuf,
     /// Compute dtype: fp32 or bf16 (bf16 keeps fp32 master weights and optimizer state).
     pub dtype: String,
-    /// cpu, cuda or cuda:N. Under `launch`, each worker uses its local rank's GPU.
+    /// cpu, cuda or cuda:N.
     pub device: String,
     /// Chat template: auto (the model's own), llama3, chatml or a .jinja path.
     pub template: String,

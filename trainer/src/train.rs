@@ -15,7 +15,6 @@ use ferrotune_data::cache::TokenCache;
 use ferrotune_data::encode::Encoder;
 use ferrotune_data::loader::{Batch, Loader};
 use ferrotune_data::prepare::{open_or_prepare, PrepareOptions};
-use ferrotune_data::{ChatTemplate, Tokenizer};
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -164,10 +163,7 @@ pub struct Outcome {
 
 /// Encoder (tokenizer + template) for the model of a run config.
 pub fn encoder_for(cfg: &RunConfig) -> Result<Encoder> {
-    let dir = &cfg.model.path;
-    let tok = Tokenizer::from_dir(dir).map_err(|e| Error::Invalid(e.to_string()))?;
-    let tmpl = ChatTemplate::load(dir, &cfg.model.template).map_err(|e| Error::Invalid(e.to_string()))?;
-    Encoder::new(tok, Some(tmpl)).map_err(|e| Error::Invalid(e.to_string()))
+    Encoder::from_model_dir(&cfg.model.path, &cfg.model.template).map_err(|e| Error::Invalid(e.to_string()))
 }
 
 fn cache_for(
@@ -178,12 +174,7 @@ fn cache_for(
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<TokenCache> {
     let (mask, overlong) = plan::data_options(&cfg.data)?;
-    let opts = PrepareOptions {
-        mask,
-        max_seq_len: cfg.data.max_seq_len,
-        overlong,
-        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
-    };
+    let opts = PrepareOptions::new(mask, cfg.data.max_seq_len, overlong);
     open_or_prepare(data, enc, &opts, out, progress).map_err(|e| Error::Invalid(e.to_string()))
 }
 

@@ -59,12 +59,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
             let Some(strategy) = Strategy::parse(&a.strategy) else {
                 bail!("unknown masking strategy `{}`", a.strategy)
             };
-            let opts = PrepareOptions {
-                mask: MaskOptions { strategy, train_eot: true },
-                max_seq_len: a.max_seq_len,
-                overlong: Overlong::Truncate,
-                threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            };
+            let opts =
+                PrepareOptions::new(MaskOptions { strategy, train_eot: true }, a.max_seq_len, Overlong::Truncate);
             let tmp = tempfile::tempdir()?;
             let cache_path = tmp.path().join("eval.ftcache");
             prepare_to_file(&a.data, &enc, &opts, &cache_path, &|_, _| {})?;
