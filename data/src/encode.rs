@@ -117,10 +117,6 @@ impl Encoder {
         self.tokenizer.pad_id().or(self.eos_id).unwrap_or(0)
     }
 
-    pub fn is_special(&self, id: u32) -> bool {
-        self.special.contains(&id)
-    }
-
     /// Token ids and tags of one record.
     pub fn encode(&self, record: &Record) -> Result<Encoded> {
         match record {

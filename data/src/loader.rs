@@ -97,12 +97,6 @@ impl<'a> Loader<'a> {
         self.cache.rows().div_ceil(self.world)
     }
 
-    /// Micro-batches per epoch per rank (the last one may be short; it is then topped up from the next
-    /// epoch so that every batch has `micro_batch` rows).
-    pub fn batches_per_epoch(&self) -> usize {
-        self.rows_per_rank().div_ceil(self.micro_batch)
-    }
-
     pub fn state(&self) -> LoaderState {
         self.state
     }

@@ -93,15 +93,6 @@ impl AdamW {
         }
     }
 
-    pub fn zero_grad(&self) {
-        for p in &self.params {
-            let g = p.tensor.grad();
-            if g.defined() {
-                let _ = g.shallow_clone().zero_();
-            }
-        }
-    }
-
     /// Saves moments and masters as `optimizer.safetensors` in `dir`.
     pub fn save(&self, dir: &Path) -> Result<()> {
         let mut named = vec![];

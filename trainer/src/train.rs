@@ -290,7 +290,7 @@ pub fn train(cfg: RunConfig, opts: RunOptions, logger: &mut dyn Logger) -> Resul
         trainer.opt.step(lr);
         step += 1;
         last_loss = loss;
-        let tokens = plan.rows_per_step * cfg.data.max_seq_len;
+        let tokens = plan.tokens_per_step;
         window.1 += tokens;
         window.2 += trained;
         window.3 += step_flops(&trainer.model, tokens, trained, plan.lora.is_some());
