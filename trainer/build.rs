@@ -2,8 +2,8 @@
 //! package): bakes libtorch's directory into the run path of what links it, so that users never set
 //! `LD_LIBRARY_PATH`. It does not locate libtorch itself; `torch-sys` does that (from the Python
 //! environment when `LIBTORCH_USE_PYTORCH=1`) and hands the directory over through `links` metadata.
-//! In the `ferrotune` package only the `ferrotune-worker` binary links libtorch; the front binary does
-//! not, so that it can report a missing libtorch itself.
+//! In the `ferrotune` package only the `ferrotune-worker` binary and the benches link libtorch; the front
+//! binary does not, so that it can report a missing libtorch itself.
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
@@ -16,6 +16,7 @@ fn main() {
     for arg in args {
         if front_package {
             println!("cargo:rustc-link-arg-bin=ferrotune-worker={arg}");
+            println!("cargo:rustc-link-arg-benches={arg}");
         } else {
             println!("cargo:rustc-link-arg={arg}");
         }

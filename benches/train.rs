@@ -1,0 +1,182 @@
+//! Training throughput and peak memory, ferrotune against the transformers (+ peft) loop a user would
+//! write (benches/train_reference.py), side by side in one invocation, on the same model
+//! (SmolLM2-135M-Instruct), the same packed rows (the bundled CoQA sample under its own chat template,
+//! `assistant` masking, rows of BENCH_SEQ = 1024 tokens), the same dtype (BENCH_DTYPE, fp32 by default:
+//! this CPU has no bf16 matmul units) and the same step: forward, masked cross-entropy, backward,
+//! clip_grad_norm(1.0), AdamW. One row per optimizer step; BENCH_STEPS steps (default 4), the first not
+//! timed. Both LoRA (r=8, alpha=16, all-linear, dropout 0) and full fine-tuning.
+//!
+//! Each side runs in its own child process so that peak resident memory (VmHWM / ru_maxrss) is its own.
+//! Both sides must see the same tokens and trained tokens, or the bench fails. This is a measurement,
+//! not a test: run `scripts/cargo bench --bench train`. Not covered: CUDA, multi-rank.
+
+use ferrotune_data::cache::TokenCache;
+use ferrotune_data::encode::Encoder;
+use ferrotune_data::loader::{Batch, Loader};
+use ferrotune_data::mask::{MaskOptions, Strategy};
+use ferrotune_data::pack::Overlong;
+use ferrotune_data::prepare::{prepare_to_file, PrepareOptions};
+use ferrotune_data::{coqa, fixtures};
+use ferrotune_trainer::lora::LoraConfig;
+use ferrotune_trainer::metrics::peak_rss_bytes;
+use ferrotune_trainer::optim::AdamWConfig;
+use ferrotune_trainer::train::{to_tensors, Trainer};
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+const WARMUP: usize = 1;
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
+fn kind_of(dtype: &str) -> Kind {
+    ferrotune_trainer::parse_kind(dtype).expect("BENCH_DTYPE is float32 or bfloat16")
+}
+
+/// One side of the comparison: ferrotune's training step over the rows file (run in a child).
+fn ours(model: &Path, rows: &Path, mode: &str, dtype: &str) -> Value {
+    let t: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(rows).unwrap().into_iter().collect();
+    let lora = (mode == "lora").then(|| LoraConfig {
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        target_modules: vec!["all-linear".into()],
+    });
+    let adamw = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+    let mut trainer = Trainer::new(model, kind_of(dtype), Device::Cpu, lora, adamw, 0).unwrap();
+    let (steps, seq) = t["input_ids"].size2().unwrap();
+    let row = |name: &str, i: i64| Vec::<i64>::try_from(t[name].get(i)).unwrap();
+    let (mut losses, mut tokens, mut trained, mut t0) = (vec![], 0, 0, Instant::now());
+    for i in 0..steps {
+        if i as usize == WARMUP {
+            t0 = Instant::now();
+        }
+        let labels = row("labels", i);
+        let n = labels.iter().filter(|&&l| l != -100).count();
+        let batch = Batch {
+            rows: 1,
+            seq: seq as usize,
+            ids: row("input_ids", i),
+            position_ids: row("position_ids", i),
+            doc_ids: row("doc_ids", i),
+            labels,
+            trained_tokens: n,
+            row_indices: vec![i as usize],
+            epoch: 0,
+        };
+        let b = to_tensors(&batch, Device::Cpu);
+        let sum = trainer.micro_step(&b, n as f64);
+        let _norm = trainer.opt.clip_grad_norm(1.0);
+        trainer.opt.step(1e-4);
+        losses.push(sum.double_value(&[]) / n as f64);
+        if i as usize >= WARMUP {
+            tokens += seq as usize;
+            trained += n;
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    json!({"tokens": tokens, "trained": trained, "secs": secs, "peak_rss": peak_rss_bytes().unwrap_or(0), "losses": losses})
+}
+
+/// Packs the bundled CoQA sample and writes the first `steps` rows for both sides.
+fn write_rows(model: &Path, dir: &Path, seq: usize, steps: usize) -> std::path::PathBuf {
+    let root = fixtures::repo_root();
+    let data = dir.join("coqa.jsonl");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&data).unwrap());
+    for s in coqa::read(&root.join("data/samples/coqa/train.json")).unwrap() {
+        writeln!(f, "{}", json!({"messages": s.to_messages(coqa::DEFAULT_SYSTEM)})).unwrap();
+    }
+    drop(f);
+    let enc = Encoder::from_model_dir(model, "auto").unwrap();
+    let opts =
+        PrepareOptions::new(MaskOptions { strategy: Strategy::Assistant, train_eot: true }, seq, Overlong::Truncate);
+    let cache_path = dir.join("train.ftcache");
+    prepare_to_file(&data, &enc, &opts, &cache_path, &|_, _| {}).unwrap();
+    let cache = TokenCache::open(&cache_path).unwrap();
+    assert!(cache.rows() >= steps, "the sample packs into {} rows; set BENCH_STEPS <= that", cache.rows());
+    let mut loader = Loader::new(&cache, 0, 1, 0, 1);
+    let batches: Vec<Batch> = (0..steps).map(|_| loader.next_batch()).collect();
+    let stack = |f: &dyn Fn(&Batch) -> Vec<i64>| {
+        Tensor::stack(&batches.iter().map(|b| Tensor::from_slice(&f(b))).collect::<Vec<_>>(), 0)
+    };
+    // transformers shifts labels itself: its label at i is the target of position i - 1.
+    let unshifted = |b: &Batch| std::iter::once(-100).chain(b.labels[..b.seq - 1].iter().copied()).collect();
+    let path = dir.join("rows.safetensors");
+    let tensors = [
+        ("input_ids", stack(&|b| b.ids.clone())),
+        ("position_ids", stack(&|b| b.position_ids.clone())),
+        ("doc_ids", stack(&|b| b.doc_ids.clone())),
+        ("labels", stack(&|b| b.labels.clone())),
+        ("labels_hf", stack(&unshifted)),
+    ];
+    Tensor::write_safetensors(&tensors, &path).unwrap();
+    path
+}
+
+fn run_child(cmd: &mut Command) -> Value {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+fn main() {
+    let dtype: String = env_or("BENCH_DTYPE", "float32".to_string());
+    if let Ok(mode) = std::env::var("FERROTUNE_BENCH_CHILD") {
+        let args: Vec<String> = std::env::args().collect();
+        let v = ours(Path::new(&args[1]), Path::new(&args[2]), &mode, &dtype);
+        println!("{v}");
+        return;
+    }
+    let (seq, steps) = (env_or("BENCH_SEQ", 1024usize), env_or("BENCH_STEPS", 4usize));
+    let model = fixtures::ensure("smollm2-135m-instruct");
+    let tmp = tempfile::tempdir().unwrap();
+    let rows = write_rows(&model, tmp.path(), seq, steps);
+    let modes: Vec<String> = std::env::var("BENCH_MODES")
+        .map(|m| m.split(',').map(String::from).collect())
+        .unwrap_or_else(|_| vec!["lora".into(), "full".into()]);
+    println!("training step, SmolLM2-135M-Instruct, {dtype}, 1 row x {seq} tokens per step, assistant masking, {steps} steps ({WARMUP} untimed), CPU");
+    println!(
+        "{:<6} {:<13} {:>9} {:>13} {:>13} {:>10}",
+        "mode", "side", "tok/s", "trained tok/s", "peak RSS GB", "loss[0]"
+    );
+    for mode in &modes {
+        let ours = run_child(
+            Command::new(std::env::current_exe().unwrap())
+                .arg(&model)
+                .arg(&rows)
+                .env("FERROTUNE_BENCH_CHILD", mode)
+                .env("BENCH_DTYPE", &dtype),
+        );
+        let reference = run_child(
+            Command::new(fixtures::python())
+                .arg(fixtures::repo_root().join("benches/train_reference.py"))
+                .args([model.as_os_str(), rows.as_os_str()])
+                .args([mode.as_str(), &dtype, &WARMUP.to_string()]),
+        );
+        assert_eq!(ours["tokens"], reference["tokens"], "the two sides trained on different tokens");
+        assert_eq!(ours["trained"], reference["trained"], "the two sides trained different positions");
+        let (l0, r0) = (ours["losses"][0].as_f64().unwrap(), reference["losses"][0].as_f64().unwrap());
+        assert!((l0 - r0).abs() < 1e-3 * r0.abs().max(1.0), "first losses differ: {l0} vs {r0}");
+        let rate = |v: &Value, k: &str| v[k].as_f64().unwrap() / v["secs"].as_f64().unwrap();
+        for (side, v) in [("ferrotune", &ours), ("transformers", &reference)] {
+            println!(
+                "{mode:<6} {side:<13} {:>9.1} {:>13.1} {:>13.2} {:>10.4}",
+                rate(v, "tokens"),
+                rate(v, "trained"),
+                v["peak_rss"].as_f64().unwrap() / 1e9,
+                v["losses"][0].as_f64().unwrap()
+            );
+        }
+        println!(
+            "{mode:<6} ratio: ferrotune {:.2}x the reference's tokens/s, {:.2}x its peak memory",
+            rate(&ours, "tokens") / rate(&reference, "tokens"),
+            ours["peak_rss"].as_f64().unwrap() / reference["peak_rss"].as_f64().unwrap()
+        );
+    }
+}

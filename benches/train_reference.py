@@ -1,0 +1,65 @@
+"""The reference side of benches/train.rs: the training step a transformers (+ peft) user writes, timed.
+
+  train_reference.py MODEL_DIR ROWS.safetensors MODE DTYPE WARMUP
+
+ROWS holds input_ids, position_ids and labels_hf (unshifted, -100 = not trained), each (steps, T): one
+packed row per optimizer step. MODE is `lora` (peft, r=8, alpha=16, dropout 0, all-linear) or `full`.
+DTYPE is float32 or bfloat16 (the model's weights and compute). Each step: forward with labels (the
+model's own shifted mean cross-entropy; passing position_ids without an attention mask makes
+transformers build the block-diagonal causal mask of packed rows, so no token attends across
+conversations, like ferrotune), backward, clip_grad_norm_(1.0), torch.optim.AdamW. The first WARMUP steps
+are not timed. Prints one JSON object: tokens, trained tokens, seconds, peak RSS and the losses.
+"""
+
+import json
+import resource
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+
+def main(model_dir, rows_path, mode, dtype, warmup):
+    warmup = int(warmup)
+    rows = load_file(rows_path)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    model.config.use_cache = False
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.0},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=1e-4)
+    steps = rows["input_ids"].shape[0]
+    losses, tokens, trained, t0 = [], 0, 0, None
+    for i in range(steps):
+        if i == warmup:
+            t0 = time.perf_counter()
+        ids, pos, labels = (rows[k][i : i + 1] for k in ("input_ids", "position_ids", "labels_hf"))
+        out = model(input_ids=ids, position_ids=pos, labels=labels)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+        if i >= warmup:
+            tokens += ids.numel()
+            trained += int((labels[:, 1:] != -100).sum())
+    secs = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"tokens": tokens, "trained": trained, "secs": secs, "peak_rss": peak, "losses": losses}))
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main(*sys.argv[1:])
