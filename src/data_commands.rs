@@ -21,7 +21,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Prepare(a) => prepare(a),
         Command::Convert(ConvertCommand::Coqa(a)) => {
             let (stories, turns) = ferrotune_data::coqa::convert(&a.input, &a.out, &a.system)?;
-            eprintln!("wrote {} conversations ({turns} question/answer turns) to {}", stories, a.out.display());
+            tracing::info!("wrote {} conversations ({turns} question/answer turns) to {}", stories, a.out.display());
             Ok(())
         }
         other => bail!("`{}` needs libtorch and runs in ferrotune-worker", other.name()),
@@ -131,7 +131,7 @@ fn prepare(a: PrepareArgs) -> Result<()> {
     }
     let out = a.out.clone().unwrap_or_else(|| default_cache_path(&a.data, &opts));
     let t0 = std::time::Instant::now();
-    let bar = progress_bar("preparing");
+    let bar = crate::logging::bytes_bar("preparing");
     let header = prepare_to_file(&a.data, &enc, &opts, &out, &|done, total| {
         bar.set_length(total);
         bar.set_position(done);
@@ -156,16 +156,4 @@ fn prepare(a: PrepareArgs) -> Result<()> {
         s.tokens as f64 / secs
     );
     Ok(())
-}
-
-/// A byte-progress bar on stderr (hidden when stderr is not a terminal).
-pub fn progress_bar(what: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    bar.set_message(what.to_owned());
-    bar
 }

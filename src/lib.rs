@@ -5,3 +5,4 @@
 pub mod cli;
 pub mod data_commands;
 pub mod front;
+pub mod logging;

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    ferrotune::logging::init();
     let result = if cli.command.needs_torch() { front::exec_worker() } else { data_commands::run(cli.command) };
     front::report(result)
 }

@@ -100,6 +100,13 @@ fn data_commands_convert_check_preview_prepare() {
     let o = ferrotune(&["convert", "coqa", &sample("train.json"), "--out", conv_s]);
     assert!(o.status.success(), "{}", text(&o).1);
     assert!(text(&o).1.contains("wrote 16 conversations (105 question/answer turns)"));
+    // Log lines go through `tracing`: FERROTUNE_LOG filters them.
+    let quiet = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+        .args(["convert", "coqa", &sample("train.json"), "--out", conv_s])
+        .env("FERROTUNE_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(quiet.status.success() && text(&quiet).1.is_empty(), "{}", text(&quiet).1);
 
     let o = ferrotune(&["check", conv_s, "--strict", "--model", model, "--max-seq-len", "512", "--json"]);
     assert!(o.status.success(), "{}", text(&o).1);

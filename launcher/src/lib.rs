@@ -1,6 +1,9 @@
 //! ferrotune's launcher crate: how a worker learns its place in a job (rank, local rank, world size and
-//! the rendezvous address) from the environment that `ferrotune launch`, torchrun or Slurm set. Spawning
-//! and supervising workers builds on this. It knows nothing of models or data.
+//! the rendezvous address) from the environment that `ferrotune launch`, torchrun or Slurm set; the
+//! rendezvous store (`store`); spawning and supervising workers (`supervise`). It knows nothing of
+//! models, data or tensors.
+
+pub mod store;
 
 use std::collections::HashMap;
 

@@ -120,6 +120,7 @@ pub fn coqa(
     conversations: &[Vec<ChatMessage>],
     max_new_tokens: usize,
     batch: usize,
+    progress: &dyn Fn(usize, usize),
 ) -> Result<QaScore, String> {
     let template = enc.template.as_ref().ok_or("CoQA evaluation needs a chat template")?;
     let mut jobs = vec![]; // (conversation, turn, prompt ids, question, gold)
@@ -158,6 +159,7 @@ pub fn coqa(
                 prediction: text,
             });
         }
+        progress(predictions.len(), jobs.len());
     }
     let n = predictions.len().max(1) as f64;
     Ok(QaScore {

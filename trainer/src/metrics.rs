@@ -46,7 +46,7 @@ impl Logger for Jsonl {
         }
         if let Err(e) = writeln!(self.file, "{}", Value::Object(obj)).and_then(|()| self.file.flush()) {
             if !self.failed {
-                eprintln!("warning: cannot write metrics.jsonl ({e}); training goes on");
+                tracing::warn!("cannot write metrics.jsonl ({e}); training goes on");
                 self.failed = true;
             }
         }

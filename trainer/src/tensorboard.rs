@@ -184,10 +184,7 @@ impl TensorBoard {
         })();
         if let Err(e) = res {
             if !self.failed {
-                eprintln!(
-                    "warning: cannot write TensorBoard events to {} ({e}); training goes on",
-                    self.path.display()
-                );
+                tracing::warn!("cannot write TensorBoard events to {} ({e}); training goes on", self.path.display());
                 self.failed = true;
             }
         }

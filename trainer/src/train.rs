@@ -150,6 +150,15 @@ pub struct RunOptions {
     pub stop_after: Option<u64>,
     /// Called with (bytes done, total) while a token cache is built.
     pub progress: Box<dyn Fn(u64, u64) + Sync>,
+    /// Called after every optimizer step with (step, total steps, loss): drives a progress bar.
+    pub on_step: Box<dyn Fn(u64, u64, f64)>,
+}
+
+impl RunOptions {
+    /// Options with no progress reporting.
+    pub fn new(resume: bool, stop_after: Option<u64>) -> Self {
+        RunOptions { resume, stop_after, progress: Box::new(|_, _| {}), on_step: Box::new(|_, _, _| {}) }
+    }
 }
 
 pub struct Outcome {
@@ -227,7 +236,7 @@ pub fn train(cfg: RunConfig, opts: RunOptions, logger: &mut dyn Logger) -> Resul
         .map_err(Error::io(&plan_path))?;
     let config_path = run_dir.join("config.toml");
     std::fs::write(&config_path, cfg.to_toml()).map_err(Error::io(&config_path))?;
-    eprintln!(
+    tracing::info!(
         "plan: {} rows of {} tokens, {} steps ({} per epoch), {} rows/step ({} micro-batches of {}), lr {:e} {:?} warmup {}, {}",
         plan.rows, cfg.data.max_seq_len, plan.total_steps, plan.steps_per_epoch, plan.rows_per_step, plan.grad_accum,
         cfg.train.micro_batch_size, plan.schedule.peak_lr, plan.schedule.kind, plan.schedule.warmup_steps,
@@ -248,7 +257,7 @@ pub fn train(cfg: RunConfig, opts: RunOptions, logger: &mut dyn Logger) -> Resul
         loader.restore(state.loader);
         step = s;
         last_loss = state.last_loss;
-        eprintln!("resumed from {} (step {s}, loss {last_loss:.4})", dir.display());
+        tracing::info!("resumed from {} (step {s}, loss {last_loss:.4})", dir.display());
     }
 
     let peak = if t.peak_flops > 0.0 {
@@ -290,6 +299,7 @@ pub fn train(cfg: RunConfig, opts: RunOptions, logger: &mut dyn Logger) -> Resul
         trainer.opt.step(lr);
         step += 1;
         last_loss = loss;
+        (opts.on_step)(step, plan.total_steps, loss);
         let tokens = plan.tokens_per_step;
         window.1 += tokens;
         window.2 += trained;
@@ -310,7 +320,7 @@ pub fn train(cfg: RunConfig, opts: RunOptions, logger: &mut dyn Logger) -> Resul
                 ("train/epoch", step as f64 / plan.steps_per_epoch as f64),
             ];
             logger.scalars(step, &vals);
-            eprintln!(
+            tracing::info!(
                 "step {step}/{} | loss {loss:.4} | lr {lr:.2e} | grad {gn:.3} | {:.0} tok/s ({:.0} trained/s) | mfu {:.1}% | mem {:.2} GB",
                 plan.total_steps, vals[3].1, vals[4].1, 100.0 * vals[5].1, mem / 1e9
             );
@@ -320,16 +330,22 @@ pub fn train(cfg: RunConfig, opts: RunOptions, logger: &mut dyn Logger) -> Resul
             if let Some(vc) = &val_cache {
                 let (v, _) = crate::eval::mean_loss(&trainer.model, vc, t.micro_batch_size);
                 logger.scalars(step, &[("eval/loss", v)]);
-                eprintln!("step {step}: validation loss {v:.4}");
+                tracing::info!("step {step}: validation loss {v:.4}");
                 final_val = Some(v);
                 if cfg.eval.coqa {
                     let convs = ferrotune_data::coqa::read_conversations(&cfg.data.validation)
                         .map_err(|e| Error::Invalid(e.to_string()))?;
-                    let s =
-                        crate::eval::coqa(&trainer.model, &enc, &convs, cfg.eval.max_new_tokens, cfg.eval.batch_size)
-                            .map_err(Error::Invalid)?;
+                    let s = crate::eval::coqa(
+                        &trainer.model,
+                        &enc,
+                        &convs,
+                        cfg.eval.max_new_tokens,
+                        cfg.eval.batch_size,
+                        &|_, _| {},
+                    )
+                    .map_err(Error::Invalid)?;
                     logger.scalars(step, &[("eval/em", s.em), ("eval/f1", s.f1)]);
-                    eprintln!("step {step}: CoQA EM {:.1} F1 {:.1} ({} questions)", s.em, s.f1, s.questions);
+                    tracing::info!("step {step}: CoQA EM {:.1} F1 {:.1} ({} questions)", s.em, s.f1, s.questions);
                     final_qa = Some((s.em, s.f1));
                 }
             }
@@ -344,7 +360,7 @@ pub fn train(cfg: RunConfig, opts: RunOptions, logger: &mut dyn Logger) -> Resul
                 let c = d.join("config.toml");
                 std::fs::write(&c, cfg.to_toml()).map_err(Error::io(&c))
             })?;
-            eprintln!("checkpoint {}", dir.display());
+            tracing::info!("checkpoint {}", dir.display());
         }
         logger.flush();
         if stopping && step < plan.total_steps {

@@ -9,5 +9,6 @@ mod commands;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    ferrotune::logging::init();
     ferrotune::front::report(commands::run(cli.command))
 }

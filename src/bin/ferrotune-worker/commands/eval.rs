@@ -29,8 +29,16 @@ pub fn run(a: EvalArgs) -> Result<()> {
         "coqa" => {
             let conversations = ferrotune_data::coqa::read_conversations(&a.data)?;
             let t0 = std::time::Instant::now();
-            let score =
-                eval::coqa(&model, &enc, &conversations, a.max_new_tokens, a.batch_size).map_err(anyhow::Error::msg)?;
+            let score = {
+                let bar = ferrotune::logging::bar(0, "coqa [{bar:30}] {pos}/{len} questions eta {eta}", "");
+                let progress = |done: usize, total: usize| {
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64);
+                };
+                let s = eval::coqa(&model, &enc, &conversations, a.max_new_tokens, a.batch_size, &progress);
+                bar.finish_and_clear();
+                s.map_err(anyhow::Error::msg)?
+            };
             let out = a.predictions.clone().unwrap_or_else(|| a.data.with_extension("predictions.jsonl"));
             let mut f = std::io::BufWriter::new(
                 std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?,

@@ -23,7 +23,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let model = load_model(&args.model, kind, device).context("loading the model")?;
     let tokenizer = Tokenizer::from_dir(&args.model)?;
     let template = ChatTemplate::load(&args.model, &args.template)?;
-    eprintln!("loaded {} in {:.1}s", args.model.display(), t0.elapsed().as_secs_f64());
+    tracing::info!("loaded {} in {:.1}s", args.model.display(), t0.elapsed().as_secs_f64());
     let mut prompts = vec![];
     for q in &args.chat {
         let mut messages = vec![];
@@ -42,6 +42,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         println!("user: {q}\nassistant: {}\n", tokenizer.decode(&ids)?.trim());
     }
     let secs = t1.elapsed().as_secs_f64();
-    eprintln!("generated {new_tokens} tokens in {secs:.1}s ({:.1} tokens/s)", new_tokens as f64 / secs);
+    tracing::info!("generated {new_tokens} tokens in {secs:.1}s ({:.1} tokens/s)", new_tokens as f64 / secs);
     Ok(())
 }
