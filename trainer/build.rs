@@ -11,7 +11,20 @@ fn main() {
     let lib = lib.to_string_lossy();
     // Keep libtorch (and through it libtorch_cuda) even though no symbol of it is referenced directly,
     // so that CUDA devices are visible.
-    let args = [format!("-Wl,-rpath,{lib}"), "-Wl,--no-as-needed".into(), "-ltorch".into()];
+    let mut args = vec![format!("-Wl,-rpath,{lib}"), "-Wl,--no-as-needed".into(), "-ltorch".into()];
+    // NCCL: the wheel ships nvidia/nccl/lib/libnccl.so.2, which cudarc (looking for libnccl.so) does not
+    // find. A `libnccl.so` link to it in a private directory on the run path fixes that; dlopen then
+    // maps the same file libtorch_cuda loaded.
+    let nccl = std::path::Path::new(lib.as_ref()).join("../../nvidia/nccl/lib/libnccl.so.2");
+    if let (Ok(target), Some(out)) = (nccl.canonicalize(), std::env::var_os("OUT_DIR")) {
+        let dir = std::path::Path::new(&out).join("nccl");
+        let link = dir.join("libnccl.so");
+        let _ = std::fs::create_dir_all(&dir);
+        let _ = std::fs::remove_file(&link);
+        if std::os::unix::fs::symlink(&target, &link).is_ok() {
+            args.push(format!("-Wl,-rpath,{}", dir.display()));
+        }
+    }
     let front_package = std::env::var("CARGO_PKG_NAME").as_deref() == Ok("ferrotune");
     for arg in args {
         if front_package {

@@ -209,6 +209,11 @@ impl StoreClient {
         recv(&mut self.conn).map_err(io)
     }
 
+    /// This end's IP address on the connection to the store: the interface other nodes reach us on.
+    pub fn local_ip(&self) -> Option<std::net::IpAddr> {
+        self.conn.local_addr().ok().map(|a| a.ip())
+    }
+
     pub fn set(&mut self, key: &str, value: &[u8]) -> Result<()> {
         self.call(&Request::Set { key: format!("{}{key}", self.prefix), value: value.to_vec() }).map(|_| ())
     }

@@ -24,6 +24,12 @@ pub enum Error {
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 
+    #[error(transparent)]
+    Store(#[from] ferrotune_launcher::store::StoreError),
+
+    #[error("rank {rank}: {msg}")]
+    Dist { rank: usize, msg: String },
+
     #[error("{0}")]
     Invalid(String),
 }

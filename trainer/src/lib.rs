@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod generate;

@@ -1,9 +1,12 @@
-//! The training loop, one for every run: fetch micro-batches, count trained tokens, forward/backward
-//! with the loss divided by the step's trained-token count, clip, step, schedule, log, evaluate,
-//! checkpoint. It reads top to bottom; the pieces it calls (model, loss, optimizer, schedule, data
-//! loader, checkpoint) know nothing of each other.
+//! The training loop, one for every run, on 1 or N ranks: fetch this rank's micro-batches, count the
+//! trained tokens of the whole step (all ranks), forward/backward with the loss divided by that count,
+//! all-reduce the gradients, clip, step, schedule, log, evaluate, checkpoint. With one rank the
+//! collectives are identities (`dist::Single`). Rank 0 alone writes files, logs metrics and evaluates.
+//! It reads top to bottom; the pieces it calls (model, loss, optimizer, schedule, data loader,
+//! collectives, checkpoint) know nothing of each other.
 
 use crate::checkpoint::{self, TrainState};
+use crate::dist::{self, Collective};
 use crate::error::{Error, Result};
 use crate::lora::{self, LoraConfig};
 use crate::metrics::{peak_rss_bytes, Logger};
@@ -200,7 +203,10 @@ fn step_flops(m: &Llama, tokens: usize, trained: usize, lora: bool) -> f64 {
     fwd * if lora { 2.0 } else { 3.0 }
 }
 
-pub fn train(cfg: RunConfig, opts: RunOptions, logger: &mut dyn Logger) -> Result<Outcome> {
+/// Trains on this process's rank of `coll`; every rank calls it with the same config.
+pub fn train(cfg: RunConfig, opts: RunOptions, coll: &mut dyn Collective, logger: &mut dyn Logger) -> Result<Outcome> {
+    let (rank, world) = (coll.rank(), coll.world());
+    let lead = rank == 0;
     let kind = parse_kind(&cfg.model.dtype)?;
     let device = parse_device(&cfg.model.device)?;
     let run_dir = cfg.output.dir.join(&cfg.output.run_name);
@@ -219,35 +225,61 @@ pub fn train(cfg: RunConfig, opts: RunOptions, logger: &mut dyn Logger) -> Resul
     }
     std::fs::create_dir_all(run_dir.join("cache")).map_err(Error::io(&run_dir))?;
 
-    // Data: token caches of the training and validation files (built on the first run).
+    // Data: token caches of the training and validation files, built by rank 0 on the first run
+    // (the others wait, then open them).
     let enc = encoder_for(&cfg)?;
-    let train_cache = cache_for(&cfg.data.train, &run_dir.join("cache/train.ftcache"), &enc, &cfg, &*opts.progress)?;
     let has_val = !cfg.data.validation.as_os_str().is_empty();
-    let val_cache = if has_val {
-        Some(cache_for(&cfg.data.validation, &run_dir.join("cache/validation.ftcache"), &enc, &cfg, &*opts.progress)?)
-    } else {
-        None
+    let caches = || -> Result<(TokenCache, Option<TokenCache>)> {
+        let train = cache_for(&cfg.data.train, &run_dir.join("cache/train.ftcache"), &enc, &cfg, &*opts.progress)?;
+        let val = if has_val {
+            Some(cache_for(
+                &cfg.data.validation,
+                &run_dir.join("cache/validation.ftcache"),
+                &enc,
+                &cfg,
+                &*opts.progress,
+            )?)
+        } else {
+            None
+        };
+        Ok((train, val))
+    };
+    let built = if lead { Some(caches()) } else { None };
+    coll.barrier()?;
+    let (train_cache, val_cache) = match built {
+        Some(c) => c?,
+        None => caches()?,
     };
 
     // Plan: everything derived, printed and saved with the run.
-    let plan: Plan = plan::resolve(cfg.clone(), train_cache.rows(), 1)?;
-    let plan_path = run_dir.join("plan.json");
-    std::fs::write(&plan_path, serde_json::to_string_pretty(&plan).expect("plan serializes"))
-        .map_err(Error::io(&plan_path))?;
-    let config_path = run_dir.join("config.toml");
-    std::fs::write(&config_path, cfg.to_toml()).map_err(Error::io(&config_path))?;
-    tracing::info!(
+    let plan: Plan = plan::resolve(cfg.clone(), train_cache.rows(), world)?;
+    if lead {
+        let plan_path = run_dir.join("plan.json");
+        std::fs::write(&plan_path, serde_json::to_string_pretty(&plan).expect("plan serializes"))
+            .map_err(Error::io(&plan_path))?;
+        let config_path = run_dir.join("config.toml");
+        std::fs::write(&config_path, cfg.to_toml()).map_err(Error::io(&config_path))?;
+    }
+    tracing::debug!(rank, world, "joined");
+    if lead {
+        tracing::info!(
         "plan: {} rows of {} tokens, {} steps ({} per epoch), {} rows/step ({} micro-batches of {}), lr {:e} {:?} warmup {}, {}",
         plan.rows, cfg.data.max_seq_len, plan.total_steps, plan.steps_per_epoch, plan.rows_per_step, plan.grad_accum,
         cfg.train.micro_batch_size, plan.schedule.peak_lr, plan.schedule.kind, plan.schedule.warmup_steps,
         match &plan.lora { Some(l) => format!("LoRA r={} alpha={} on {:?}", l.r, l.alpha, l.target_modules), None => "full fine-tuning".into() }
     );
+    }
     logger.text("config", &format!("```toml\n{}```", cfg.to_toml()));
 
     let t = &cfg.train;
     let adamw = AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay };
     let mut trainer = Trainer::new(&cfg.model.path, kind, device, plan.lora.clone(), adamw, t.seed)?;
-    let mut loader = Loader::new(&train_cache, 0, 1, t.seed, t.micro_batch_size);
+    let params: Vec<Tensor> = trainer.trainable.iter().map(|(_, p)| p.shallow_clone()).collect();
+    let mut everything = trainer.model.named_parameters().into_iter().map(|(_, p)| p).collect::<Vec<_>>();
+    everything.extend(params.iter().map(Tensor::shallow_clone));
+    dist::verify_same_weights(coll, &everything)?;
+    drop(everything);
+    let mut loader = Loader::new(&train_cache, rank, world, t.seed, t.micro_batch_size);
     let mut step = 0u64;
     let mut last_loss = f64::NAN;
     if let Some((s, dir)) = existing.filter(|_| opts.resume) {
@@ -273,20 +305,33 @@ pub fn train(cfg: RunConfig, opts: RunOptions, logger: &mut dyn Logger) -> Resul
     let mut final_qa = None;
     let started_at = step;
     let mut window = (Instant::now(), 0usize, 0usize, 0.0f64); // (since, tokens, trained, flops)
+    let mut busy = 0.0f64; // this rank's seconds outside collectives in the window (stragglers show here)
     while step < plan.total_steps {
-        // RNG (LoRA dropout) is a function of (seed, step): a resumed run draws the same numbers.
-        tch::manual_seed((t.seed ^ (step + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)) as i64);
+        let step_start = Instant::now();
         let lr = plan.schedule.lr(step);
         let batches: Vec<BatchTensors> =
             (0..plan.grad_accum).map(|_| to_tensors(&loader.next_batch(), device)).collect();
-        let trained: usize = batches.iter().map(|b| b.trained).sum();
+        // The loss of the step is divided by its trained tokens over all ranks and micro-batches.
+        let mut trained = [batches.iter().map(|b| b.trained).sum::<usize>() as f64];
+        coll.all_reduce_f64(&mut trained)?;
+        let trained = trained[0] as usize;
         let denom = trained.max(1) as f64;
         let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
-        for b in &batches {
+        for (m, b) in batches.iter().enumerate() {
+            // RNG (LoRA dropout) is a function of (seed, step, global micro-batch index): a resumed run
+            // draws the same numbers, and so do N ranks and one rank accumulating N micro-batches.
+            let micro = (m * world + rank) as u64;
+            let key = (step + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ micro.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            tch::manual_seed((t.seed ^ key) as i64);
             loss_sum += trainer.micro_step(b, denom);
         }
+        busy += step_start.elapsed().as_secs_f64();
+        // Gradients are summed over ranks once per step, after the last micro-batch.
+        dist::all_reduce_grads(coll, &params)?;
         // One host sync per step: the loss is checked before the update touches the weights.
-        let loss = loss_sum.double_value(&[]) / denom;
+        let mut loss = [loss_sum.double_value(&[])];
+        coll.all_reduce_f64(&mut loss)?;
+        let loss = loss[0] / denom;
         if !loss.is_finite() {
             let last =
                 checkpoint::latest(&run_dir).map_or("none".into(), |(s, d)| format!("step {s} at {}", d.display()));
@@ -307,6 +352,7 @@ pub fn train(cfg: RunConfig, opts: RunOptions, logger: &mut dyn Logger) -> Resul
 
         if step.is_multiple_of(t.log_every) || step == plan.total_steps {
             let secs = window.0.elapsed().as_secs_f64();
+            let per_rank = coll.all_gather_f64(window.1 as f64 / world as f64 / busy.max(1e-9))?;
             let mem = peak_rss_bytes().unwrap_or(0) as f64;
             let gn = grad_norm.double_value(&[]);
             let vals = [
@@ -315,18 +361,30 @@ pub fn train(cfg: RunConfig, opts: RunOptions, logger: &mut dyn Logger) -> Resul
                 ("train/grad_norm", gn),
                 ("train/tokens_per_s", window.1 as f64 / secs),
                 ("train/trained_tokens_per_s", window.2 as f64 / secs),
-                ("train/mfu", window.3 / secs / peak),
+                ("train/mfu", window.3 / secs / (peak * world as f64)),
                 ("train/peak_mem_gb", mem / 1e9),
                 ("train/epoch", step as f64 / plan.steps_per_epoch as f64),
             ];
             logger.scalars(step, &vals);
-            tracing::info!(
-                "step {step}/{} | loss {loss:.4} | lr {lr:.2e} | grad {gn:.3} | {:.0} tok/s ({:.0} trained/s) | mfu {:.1}% | mem {:.2} GB",
-                plan.total_steps, vals[3].1, vals[4].1, 100.0 * vals[5].1, mem / 1e9
-            );
+            if world > 1 && lead {
+                let named: Vec<(String, f64)> =
+                    per_rank.iter().enumerate().map(|(r, v)| (format!("rank{r}/tokens_per_s"), *v)).collect();
+                logger.scalars(step, &named.iter().map(|(k, v)| (k.as_str(), *v)).collect::<Vec<_>>());
+                tracing::info!(
+                    "step {step}: tok/s per rank outside collectives {}",
+                    per_rank.iter().map(|v| format!("{v:.0}")).collect::<Vec<_>>().join(" ")
+                );
+            }
+            if lead {
+                tracing::info!(
+                    "step {step}/{} | loss {loss:.4} | lr {lr:.2e} | grad {gn:.3} | {:.0} tok/s ({:.0} trained/s) | mfu {:.1}% | mem {:.2} GB",
+                    plan.total_steps, vals[3].1, vals[4].1, 100.0 * vals[5].1, mem / 1e9
+                );
+            }
             window = (Instant::now(), 0, 0, 0.0);
+            busy = 0.0;
         }
-        if plan.eval_steps.contains(&step) || (step == plan.total_steps && cfg.eval.coqa) {
+        if lead && (plan.eval_steps.contains(&step) || (step == plan.total_steps && cfg.eval.coqa)) {
             if let Some(vc) = &val_cache {
                 let (v, _) = crate::eval::mean_loss(&trainer.model, vc, t.micro_batch_size);
                 logger.scalars(step, &[("eval/loss", v)]);
@@ -351,7 +409,7 @@ pub fn train(cfg: RunConfig, opts: RunOptions, logger: &mut dyn Logger) -> Resul
             }
         }
         let stopping = opts.stop_after.is_some_and(|n| step - started_at >= n);
-        if plan.checkpoint_steps.contains(&step) || stopping {
+        if lead && (plan.checkpoint_steps.contains(&step) || stopping) {
             let state = TrainState { step, loader: loader.state(), last_loss };
             let dir = checkpoint::save(&run_dir, step, |d| {
                 checkpoint::save_named(&d.join("trainable.safetensors"), &trainer.trainable)?;
@@ -374,6 +432,9 @@ pub fn train(cfg: RunConfig, opts: RunOptions, logger: &mut dyn Logger) -> Resul
         }
     }
     let export_dir = run_dir.join(if plan.lora.is_some() { "adapter" } else { "model" });
+    if !lead {
+        return Ok(Outcome { run_dir, steps: step, final_loss: last_loss, final_val_loss: None, export_dir: None });
+    }
     if export_dir.exists() {
         std::fs::remove_dir_all(&export_dir).map_err(Error::io(&export_dir))?;
     }

@@ -49,7 +49,8 @@ fn run(c: &RunConfig, resume: bool, stop_after: Option<u64>) -> ferrotune_traine
     let run_dir = c.output.dir.join(&c.output.run_name);
     std::fs::create_dir_all(&run_dir).unwrap();
     let mut log = Jsonl::open(&run_dir.join("metrics.jsonl")).unwrap();
-    let out = train(c.clone(), RunOptions::new(resume, stop_after), &mut log).unwrap();
+    let out =
+        train(c.clone(), RunOptions::new(resume, stop_after), &mut ferrotune_trainer::dist::Single, &mut log).unwrap();
     log.flush();
     out
 }
@@ -98,10 +99,20 @@ fn resume_needs_a_checkpoint_and_a_fresh_start_refuses_to_overwrite() {
     let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let c = config(tmp.path(), "r", true, "fp32");
-    let err = train(c.clone(), RunOptions::new(true, None), &mut ferrotune_trainer::metrics::Null);
+    let err = train(
+        c.clone(),
+        RunOptions::new(true, None),
+        &mut ferrotune_trainer::dist::Single,
+        &mut ferrotune_trainer::metrics::Null,
+    );
     assert!(err.err().unwrap().to_string().contains("no complete checkpoint to resume from"));
     run(&c, false, Some(2));
-    let err = train(c, RunOptions::new(false, None), &mut ferrotune_trainer::metrics::Null);
+    let err = train(
+        c,
+        RunOptions::new(false, None),
+        &mut ferrotune_trainer::dist::Single,
+        &mut ferrotune_trainer::metrics::Null,
+    );
     assert!(err.err().unwrap().to_string().contains("pass --resume"));
 }
 
@@ -114,9 +125,14 @@ fn non_finite_loss_stops_before_the_update_and_keeps_the_last_checkpoint() {
     c.train.scheduler = "constant".into();
     c.train.max_grad_norm = 0.0;
     c.train.n_checkpoints = 20;
-    let err = train(c.clone(), RunOptions::new(false, None), &mut ferrotune_trainer::metrics::Null)
-        .err()
-        .expect("a learning rate of 1e6 must blow up");
+    let err = train(
+        c.clone(),
+        RunOptions::new(false, None),
+        &mut ferrotune_trainer::dist::Single,
+        &mut ferrotune_trainer::metrics::Null,
+    )
+    .err()
+    .expect("a learning rate of 1e6 must blow up");
     let msg = err.to_string();
     println!("{msg}");
     assert!(msg.contains("loss is") && msg.contains("stopped before the update") && msg.contains("hint:"), "{msg}");

@@ -1,0 +1,134 @@
+//! The CUDA collective backend: NCCL through cudarc's raw bindings, loaded at run time. The torch wheel
+//! ships `libnccl.so.2`, a name cudarc does not try, so the build script links `libnccl.so` to it in a
+//! private directory on the worker's run path; dlopen then finds the very file libtorch_cuda already
+//! loaded (one library, checked through /proc/self/maps). Rank 0 makes the NCCL unique id and hands it
+//! out through the rendezvous store. Collectives run on the legacy default stream, the one libtorch
+//! uses, so they order after backward without a host sync; tensors are only borrowed (their
+//! `data_ptr`), never owned. Not here: CPU tensors (`ring`).
+
+use super::Collective;
+use crate::error::{Error, Result};
+use cudarc::nccl::{result, sys};
+use ferrotune_launcher::store::StoreClient;
+use std::time::Duration;
+use tch::{Device, Kind, Tensor};
+
+/// The NCCL library the process can load: its version and the file it was loaded from. An error (not
+/// a panic) when it is missing.
+pub fn library() -> std::result::Result<(i32, String), String> {
+    // SAFETY: only tries to open the library; no NCCL call is made when it is absent.
+    if !unsafe { sys::is_culib_present() } {
+        return Err("NCCL is not available: libnccl.so was not found on the loader path; hint: ferrotune uses the libnccl.so.2 of the torch wheel, rebuild with scripts/setup so that the build links it, or use --device cpu".into());
+    }
+    let version = result::get_nccl_version().map_err(|e| format!("ncclGetVersion failed: {e:?}"))?;
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let mut files: Vec<&str> = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter(|p| p.rsplit('/').next().is_some_and(|f| f.starts_with("libnccl")))
+        .collect();
+    files.sort_unstable();
+    files.dedup();
+    match files.as_slice() {
+        [one] => Ok((version, (*one).to_owned())),
+        more => Err(format!(
+            "{} NCCL libraries are loaded ({}); libtorch's and ferrotune's must be the same file",
+            more.len(),
+            more.join(", ")
+        )),
+    }
+}
+
+pub struct Nccl {
+    rank: usize,
+    world: usize,
+    device: Device,
+    comm: sys::ncclComm_t,
+}
+
+impl Nccl {
+    pub fn connect(
+        store: &mut StoreClient,
+        rank: usize,
+        world: usize,
+        device: Device,
+        timeout: Duration,
+    ) -> Result<Nccl> {
+        let err = |msg: String| Error::Dist { rank, msg };
+        let (version, file) = library().map_err(err)?;
+        tracing::debug!("NCCL {version} from {file}");
+        let Device::Cuda(ordinal) = device else { return Err(err("NCCL reduces CUDA tensors only".into())) };
+        let ctx = cudarc::driver::CudaContext::new(ordinal).map_err(|e| err(format!("cuda:{ordinal}: {e:?}")))?;
+        ctx.bind_to_thread().map_err(|e| err(format!("cuda:{ordinal}: {e:?}")))?;
+        let id = if rank == 0 {
+            let id = result::get_uniqueid().map_err(|e| err(format!("ncclGetUniqueId: {e:?}")))?;
+            let bytes: Vec<u8> = id.internal.iter().map(|&c| c as u8).collect();
+            store.set("nccl/unique_id", &bytes)?;
+            id
+        } else {
+            let bytes = store.wait_get("nccl/unique_id", timeout, "rank 0's NCCL id")?;
+            let mut id = sys::ncclUniqueId { internal: [0; 128] };
+            for (d, s) in id.internal.iter_mut().zip(bytes) {
+                *d = s as _;
+            }
+            id
+        };
+        let mut comm = std::ptr::null_mut();
+        // SAFETY: `comm` is a valid out-pointer; every rank passes the same id and world size.
+        unsafe { result::comm_init_rank(&mut comm, world as i32, id, rank as i32) }
+            .map_err(|e| err(format!("ncclCommInitRank: {e:?}")))?;
+        Ok(Nccl { rank, world, device, comm })
+    }
+
+    fn all_reduce_raw(&mut self, t: &Tensor, dtype: sys::ncclDataType_t) -> Result<()> {
+        // SAFETY: `t` is a contiguous CUDA tensor on this communicator's device that outlives the call
+        // (the legacy default stream orders the kernel before any later use of `t` by libtorch).
+        unsafe {
+            result::all_reduce(
+                t.data_ptr(),
+                t.data_ptr(),
+                t.numel(),
+                dtype,
+                sys::ncclRedOp_t::ncclSum,
+                self.comm,
+                std::ptr::null_mut(),
+            )
+        }
+        .map(|_| ())
+        .map_err(|e| Error::Dist {
+            rank: self.rank,
+            msg: format!("ncclAllReduce: {e:?}; hint: another rank has probably failed, see its log"),
+        })
+    }
+}
+
+impl Drop for Nccl {
+    fn drop(&mut self) {
+        // SAFETY: the communicator was created by comm_init_rank and is not used after this.
+        let _ = unsafe { result::comm_destroy(self.comm) };
+    }
+}
+
+impl Collective for Nccl {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.world
+    }
+    fn device(&self) -> Device {
+        self.device
+    }
+
+    fn all_reduce_sum(&mut self, t: &Tensor) -> Result<()> {
+        assert!(t.device() == self.device && t.is_contiguous() && t.kind() == Kind::Float);
+        self.all_reduce_raw(t, sys::ncclDataType_t::ncclFloat32)
+    }
+
+    fn all_reduce_f64(&mut self, v: &mut [f64]) -> Result<()> {
+        let t = Tensor::from_slice(v).to_device(self.device);
+        self.all_reduce_raw(&t, sys::ncclDataType_t::ncclFloat64)?;
+        v.copy_from_slice(&Vec::<f64>::try_from(t.to_device(Device::Cpu)).map_err(Error::Torch)?);
+        Ok(())
+    }
+}

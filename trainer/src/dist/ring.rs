@@ -1,0 +1,190 @@
+//! The CPU collective backend: a bandwidth-optimal ring all-reduce over TCP (reduce-scatter then
+//! all-gather; each rank sends and receives 2(W-1)/W of the buffer), with every rank connected to the
+//! next and accepting from the previous. Addresses are exchanged through the rendezvous store. Sends
+//! run on a scoped thread while the receiving side adds into place, so the two directions overlap.
+//! Not here: GPU tensors (the NCCL backend), or choosing a backend (`dist::init`).
+
+use super::Collective;
+use crate::error::{Error, Result};
+use ferrotune_launcher::store::StoreClient;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+use tch::{Device, Kind, Tensor};
+
+/// Elements the ring can sum: plain little-endian numbers.
+trait Elem: Copy + Default + Send + Sync + std::ops::AddAssign + 'static {}
+impl Elem for f32 {}
+impl Elem for f64 {}
+
+fn bytes_of<T: Elem>(s: &[T]) -> &[u8] {
+    // SAFETY: f32/f64 have no padding and any byte pattern is a valid value.
+    unsafe { std::slice::from_raw_parts(s.as_ptr().cast(), std::mem::size_of_val(s)) }
+}
+
+fn bytes_of_mut<T: Elem>(s: &mut [T]) -> &mut [u8] {
+    // SAFETY: as above.
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), std::mem::size_of_val(s)) }
+}
+
+pub struct Ring {
+    rank: usize,
+    world: usize,
+    next: Option<TcpStream>,
+    prev: Option<TcpStream>,
+    scratch: Vec<u8>,
+}
+
+/// Elements received per read-and-add pass (4 MB of f32).
+const PIECE: usize = 1 << 20;
+
+impl Ring {
+    /// Connects rank `rank` of `world` to its neighbours; `timeout` bounds the set-up and every later
+    /// wait for a neighbour (a dead neighbour is noticed at once: its socket closes).
+    pub fn connect(store: &mut StoreClient, rank: usize, world: usize, timeout: Duration) -> Result<Ring> {
+        if world == 1 {
+            return Ok(Ring { rank, world, next: None, prev: None, scratch: vec![] });
+        }
+        let err = |msg: String| Error::Dist { rank, msg };
+        let host = std::env::var("FERROTUNE_RING_HOST")
+            .ok()
+            .or_else(|| store.local_ip().map(|ip| ip.to_string()))
+            .unwrap_or_else(|| "127.0.0.1".into());
+        let listener = TcpListener::bind((host.as_str(), 0))
+            .map_err(|e| err(format!("cannot listen on {host} for the ring: {e}")))?;
+        let port = listener.local_addr().map_err(|e| err(e.to_string()))?.port();
+        store.set(&format!("ring/{rank}"), format!("{host}:{port}").as_bytes())?;
+        let next_rank = (rank + 1) % world;
+        let addr =
+            store.wait_get(&format!("ring/{next_rank}"), timeout, &format!("the address of rank {next_rank}"))?;
+        let addr = String::from_utf8_lossy(&addr).into_owned();
+        let mut next =
+            TcpStream::connect(&addr).map_err(|e| err(format!("cannot connect to rank {next_rank} at {addr}: {e}")))?;
+        next.write_all(&(rank as u64).to_le_bytes()).map_err(|e| err(e.to_string()))?;
+        // The previous rank connects to us; anything else on the port is turned away.
+        let prev_rank = (rank + world - 1) % world;
+        listener.set_nonblocking(true).map_err(|e| err(e.to_string()))?;
+        let deadline = std::time::Instant::now() + timeout;
+        let mut prev = loop {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false).map_err(|e| err(e.to_string()))?;
+                    s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| err(e.to_string()))?;
+                    let mut who = [0u8; 8];
+                    if s.read_exact(&mut who).is_ok() && u64::from_le_bytes(who) == prev_rank as u64 {
+                        break s;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(err(format!("rank {prev_rank} never connected within {}s", timeout.as_secs())));
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(err(e.to_string())),
+            }
+        };
+        for s in [&mut next, &mut prev] {
+            s.set_nodelay(true).map_err(|e| err(e.to_string()))?;
+            s.set_read_timeout(Some(timeout)).map_err(|e| err(e.to_string()))?;
+            s.set_write_timeout(Some(timeout)).map_err(|e| err(e.to_string()))?;
+        }
+        Ok(Ring { rank, world, next: Some(next), prev: Some(prev), scratch: vec![] })
+    }
+
+    /// Sends `data[send]` to the next rank while receiving the previous rank's matching chunk into
+    /// `data[recv]`, added (`add`) or copied.
+    fn exchange<T: Elem>(
+        &mut self,
+        data: &mut [T],
+        send: (usize, usize),
+        recv: (usize, usize),
+        add: bool,
+    ) -> std::io::Result<()> {
+        let (next, prev) = (self.next.as_mut().expect("ring"), self.prev.as_mut().expect("ring"));
+        let base = data.as_mut_ptr() as usize;
+        let size = std::mem::size_of::<T>();
+        self.scratch.resize(PIECE * size, 0);
+        let scratch = &mut self.scratch;
+        std::thread::scope(|scope| {
+            // SAFETY: `send` and `recv` are disjoint chunks of `data` (the ring has >= 2 ranks), so the
+            // sender's shared view and the receiver's mutable view never overlap.
+            let out: &[T] = unsafe { std::slice::from_raw_parts((base as *const T).add(send.0), send.1 - send.0) };
+            let sender = scope.spawn(move || next.write_all(bytes_of(out)));
+            let into: &mut [T] =
+                unsafe { std::slice::from_raw_parts_mut((base as *mut T).add(recv.0), recv.1 - recv.0) };
+            let mut result = Ok(());
+            for piece in into.chunks_mut(PIECE) {
+                let buf = &mut scratch[..std::mem::size_of_val(piece)];
+                if let Err(e) = prev.read_exact(buf) {
+                    result = Err(e);
+                    break;
+                }
+                if add {
+                    // SAFETY: `buf` holds piece.len() elements' bytes; read unaligned as a copy.
+                    for (i, x) in piece.iter_mut().enumerate() {
+                        *x += unsafe { std::ptr::read_unaligned(buf.as_ptr().cast::<T>().add(i)) };
+                    }
+                } else {
+                    bytes_of_mut(piece).copy_from_slice(buf);
+                }
+            }
+            let sent = sender.join().expect("ring sender thread");
+            result.and(sent)
+        })
+    }
+
+    fn all_reduce_slice<T: Elem>(&mut self, data: &mut [T]) -> Result<()> {
+        let (r, w, n) = (self.rank, self.world, data.len());
+        if w == 1 {
+            return Ok(());
+        }
+        let chunk = |c: usize| (c * n / w, (c + 1) * n / w);
+        let fail = |e: std::io::Error| Error::Dist {
+            rank: r,
+            msg: format!(
+                "ring all-reduce with ranks {} and {} failed: {e}; hint: another rank has probably failed, see its log",
+                (r + w - 1) % w,
+                (r + 1) % w
+            ),
+        };
+        for s in 0..w - 1 {
+            self.exchange(data, chunk((r + w - s) % w), chunk((r + 2 * w - s - 1) % w), true).map_err(fail)?;
+        }
+        for s in 0..w - 1 {
+            self.exchange(data, chunk((r + 1 + w - s) % w), chunk((r + w - s) % w), false).map_err(fail)?;
+        }
+        Ok(())
+    }
+}
+
+impl Collective for Ring {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.world
+    }
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+
+    fn all_reduce_sum(&mut self, t: &Tensor) -> Result<()> {
+        assert!(t.device() == Device::Cpu && t.is_contiguous(), "the ring reduces contiguous CPU tensors");
+        let n = t.numel();
+        // SAFETY: a contiguous CPU tensor of `n` elements of the matched kind; `t` outlives the slice.
+        match t.kind() {
+            Kind::Float => {
+                self.all_reduce_slice(unsafe { std::slice::from_raw_parts_mut(t.data_ptr().cast::<f32>(), n) })
+            }
+            Kind::Double => {
+                self.all_reduce_slice(unsafe { std::slice::from_raw_parts_mut(t.data_ptr().cast::<f64>(), n) })
+            }
+            k => panic!("the ring reduces fp32 or fp64 tensors, not {k:?}"),
+        }
+    }
+
+    fn all_reduce_f64(&mut self, v: &mut [f64]) -> Result<()> {
+        self.all_reduce_slice(v)
+    }
+}
