@@ -21,6 +21,10 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Fine-tune a model as a TOML run config describes (see configs/).
     Train(TrainArgs),
+    /// Run `train` data-parallel: one worker per GPU (or CPU rank) on this node, with rendezvous,
+    /// supervision and restarts (ferrotune's torchrun). Example: ferrotune launch --nproc-per-node 2 --
+    /// train configs/run.toml
+    Launch(LaunchArgs),
     /// Evaluate a model (optionally with a LoRA adapter): masked loss, or CoQA-style EM/F1 by generation.
     Eval(EvalArgs),
     /// Merge a LoRA adapter into its base model and write a full Hugging Face checkpoint.
@@ -162,6 +166,7 @@ impl Command {
             Command::Inspect(_) => "inspect",
             Command::Generate(_) => "generate",
             Command::Train(_) => "train",
+            Command::Launch(_) => "launch",
             Command::Eval(_) => "eval",
             Command::Export(_) => "export",
             Command::Check(_) => "check",
@@ -217,6 +222,40 @@ pub struct TrainArgs {
     /// Stop (after writing a checkpoint) once this many optimizer steps have run in this invocation.
     #[arg(long, value_name = "N")]
     pub stop_after_steps: Option<u64>,
+}
+
+#[derive(clap::Args)]
+pub struct LaunchArgs {
+    /// Workers on this node: one per GPU, or CPU ranks sharing its cores.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub nproc_per_node: usize,
+    /// Nodes in the job; start one `ferrotune launch` per node.
+    #[arg(long, default_value_t = 1, value_name = "M")]
+    pub nnodes: usize,
+    /// This node's index (0 serves the rendezvous store).
+    #[arg(long, default_value_t = 0, value_name = "R")]
+    pub node_rank: usize,
+    /// Address of node 0, reachable from every node.
+    #[arg(long, default_value = "127.0.0.1", value_name = "HOST")]
+    pub master_addr: String,
+    /// Port of the rendezvous store on node 0.
+    #[arg(long, default_value_t = 29500, value_name = "P")]
+    pub master_port: u16,
+    /// Restart every worker (from the newest complete checkpoint) up to K times after a failure.
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    pub max_restarts: usize,
+    /// Job identifier every node must share; a process of another job on the same port is refused.
+    #[arg(long, default_value = "ferrotune", value_name = "ID")]
+    pub run_id: String,
+    /// Directory for the per-rank log files (rank-N.log).
+    #[arg(long, default_value = "ferrotune-logs", value_name = "DIR")]
+    pub log_dir: PathBuf,
+    /// Seconds nodes and ranks wait for each other before failing with the names of the missing.
+    #[arg(long, default_value_t = 1800, value_name = "S")]
+    pub timeout: u64,
+    /// The worker command after `--`: `train CONFIG [--set ...] [--resume]`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<std::ffi::OsString>,
 }
 
 #[derive(clap::Args)]

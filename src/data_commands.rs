@@ -24,6 +24,7 @@ pub fn run(command: Command) -> Result<()> {
             tracing::info!("wrote {} conversations ({turns} question/answer turns) to {}", stories, a.out.display());
             Ok(())
         }
+        Command::Launch(a) => crate::launch::run(a),
         other => bail!("`{}` needs libtorch and runs in ferrotune-worker", other.name()),
     }
 }

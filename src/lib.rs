@@ -5,4 +5,5 @@
 pub mod cli;
 pub mod data_commands;
 pub mod front;
+pub mod launch;
 pub mod logging;

@@ -4,6 +4,7 @@
 //! models, data or tensors.
 
 pub mod store;
+pub mod supervise;
 
 use std::collections::HashMap;
 

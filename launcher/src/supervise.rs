@@ -1,0 +1,313 @@
+//! `ferrotune launch` on one node: serve the rendezvous store (node 0), spawn one worker per local rank
+//! with the rank variables, prefix each worker's output with its rank and keep a log file per rank,
+//! and supervise. When a worker fails (here or, through the store, on another node) every worker is
+//! stopped (SIGTERM, then SIGKILL after a grace period) and the launch fails naming the rank and its
+//! exit status, or, with restarts left, every node starts attempt g+1 (workers then resume from the
+//! newest complete checkpoint). SIGINT/SIGTERM are passed to every worker; workers also die with the
+//! launcher (PR_SET_PDEATHSIG), so none is orphaned. Not here: what workers do (the trainer).
+
+use crate::store::{StoreClient, StoreError, StoreServer};
+use std::ffi::OsString;
+use std::io::{BufRead, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    pub nproc_per_node: usize,
+    pub nnodes: usize,
+    pub node_rank: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+    pub max_restarts: usize,
+    pub run_id: String,
+    /// The worker program and its arguments.
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+    /// Per-rank log files go here (`rank-N.log`, appended across attempts).
+    pub log_dir: PathBuf,
+    /// GPUs of this node to hand out, one per local rank (CUDA_VISIBLE_DEVICES); empty on CPU.
+    pub gpus: Vec<String>,
+    /// How long nodes wait for each other, and workers for the store.
+    pub timeout: Duration,
+    /// Between SIGTERM and SIGKILL when stopping workers.
+    pub grace: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Spawn(String),
+    #[error("{failure}; stopped the other workers{restarts}")]
+    WorkerFailed { failure: String, restarts: String },
+    #[error("interrupted by {0}; stopped every worker")]
+    Interrupted(&'static str),
+}
+
+/// The signal that interrupted the launch (0: none).
+static SIGNALLED: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    SIGNALLED.store(sig, Ordering::SeqCst);
+}
+
+fn install_signal_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+}
+
+/// "exited with status 3" / "was killed by signal 9 (SIGKILL)".
+pub fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exited with status {c}"),
+        (None, Some(s)) => {
+            let name = match s {
+                libc::SIGKILL => " (SIGKILL)",
+                libc::SIGTERM => " (SIGTERM)",
+                libc::SIGINT => " (SIGINT)",
+                libc::SIGSEGV => " (SIGSEGV)",
+                libc::SIGABRT => " (SIGABRT)",
+                _ => "",
+            };
+            format!("was killed by signal {s}{name}")
+        }
+        _ => "ended".into(),
+    }
+}
+
+struct Worker {
+    rank: usize,
+    child: Child,
+    status: Option<ExitStatus>,
+    pumps: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Copies a worker's stream line by line to ours with a `[rank N]` prefix, and to its log file.
+fn pump(
+    rank: usize,
+    from: impl std::io::Read + Send + 'static,
+    to_stderr: bool,
+    log: Arc<Mutex<std::fs::File>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut reader = std::io::BufReader::new(from);
+        let mut line = Vec::new();
+        while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+            let text = String::from_utf8_lossy(&line);
+            let text = text.trim_end_matches(['\n', '\r']);
+            let _ = writeln!(log.lock().unwrap(), "{text}");
+            if to_stderr {
+                let _ = writeln!(std::io::stderr().lock(), "[rank {rank}] {text}");
+            } else {
+                let _ = writeln!(std::io::stdout().lock(), "[rank {rank}] {text}");
+            }
+            line.clear();
+        }
+    })
+}
+
+fn spawn(spec: &LaunchSpec, attempt: usize) -> Result<Vec<Worker>, LaunchError> {
+    std::fs::create_dir_all(&spec.log_dir)
+        .map_err(|e| LaunchError::Spawn(format!("creating the log directory {}: {e}", spec.log_dir.display())))?;
+    let world = spec.nnodes * spec.nproc_per_node;
+    let mut workers = vec![];
+    for local in 0..spec.nproc_per_node {
+        let rank = spec.node_rank * spec.nproc_per_node + local;
+        let log_path = spec.log_dir.join(format!("rank-{rank}.log"));
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| LaunchError::Spawn(format!("{}: {e}", log_path.display())))?;
+        let _ = writeln!(log, "=== attempt {attempt} ===");
+        let mut cmd = Command::new(&spec.program);
+        cmd.args(&spec.args)
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", local.to_string())
+            .env("WORLD_SIZE", world.to_string())
+            .env("LOCAL_WORLD_SIZE", spec.nproc_per_node.to_string())
+            .env("MASTER_ADDR", &spec.master_addr)
+            .env("MASTER_PORT", spec.master_port.to_string())
+            .env("FERROTUNE_RUN_ID", &spec.run_id)
+            .env("FERROTUNE_RESTART_GENERATION", attempt.to_string())
+            .env("FERROTUNE_LAUNCHER", "1")
+            .env("FERROTUNE_TIMEOUT_S", spec.timeout.as_secs().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(gpu) = spec.gpus.get(local) {
+            cmd.env("CUDA_VISIBLE_DEVICES", gpu);
+        }
+        // SAFETY: prctl is async-signal-safe; the worker dies with the launcher, so none is orphaned.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| LaunchError::Spawn(format!("cannot start {} for rank {rank}: {e}", spec.program.display())))?;
+        let log = Arc::new(Mutex::new(log));
+        let pumps = vec![
+            pump(rank, child.stdout.take().expect("piped"), false, log.clone()),
+            pump(rank, child.stderr.take().expect("piped"), true, log),
+        ];
+        workers.push(Worker { rank, child, status: None, pumps });
+    }
+    Ok(workers)
+}
+
+/// SIGTERM to every running worker, SIGKILL to those still running after `grace`; then reaps all.
+fn stop_all(workers: &mut [Worker], grace: Duration) {
+    for w in workers.iter_mut().filter(|w| w.status.is_none()) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(w.child.id() as libc::pid_t, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline && workers.iter_mut().any(|w| w.status.is_none() && w.child.try_wait().ok().flatten().is_none()) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for w in workers.iter_mut() {
+        if w.status.is_none() {
+            let _ = w.child.kill();
+            w.status = w.child.wait().ok();
+        }
+        for p in w.pumps.drain(..) {
+            let _ = p.join();
+        }
+    }
+}
+
+enum Outcome {
+    Success,
+    Failed(String),
+    Interrupted(&'static str),
+}
+
+/// Runs the job on this node; returns when every worker of every node has finished, or fails.
+pub fn launch(spec: &LaunchSpec) -> Result<(), LaunchError> {
+    install_signal_handlers();
+    let _server = if spec.node_rank == 0 {
+        Some(StoreServer::serve("0.0.0.0", spec.master_port, &spec.run_id)?)
+    } else {
+        None
+    };
+    let mut store = StoreClient::connect(&spec.master_addr, spec.master_port, &spec.run_id, 0, spec.timeout)?;
+    let nodes: Vec<String> = (0..spec.nnodes).map(|n| format!("node {n}")).collect();
+    let me = format!("node {}", spec.node_rank);
+    let mut attempt = 0;
+    loop {
+        // Every node starts each attempt together (a missing node is named after the timeout).
+        store.barrier(&format!("attempt-{attempt}"), &me, &nodes, spec.timeout)?;
+        let mut workers = spawn(spec, attempt)?;
+        let failed_key = format!("launcher/failed/{attempt}");
+        let outcome = supervise(spec, &mut store, &mut workers, attempt, &failed_key, &nodes)?;
+        stop_all(&mut workers, spec.grace);
+        match outcome {
+            Outcome::Success => return Ok(()),
+            Outcome::Interrupted(sig) => return Err(LaunchError::Interrupted(sig)),
+            Outcome::Failed(failure) if attempt < spec.max_restarts => {
+                attempt += 1;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "ferrotune launch: {failure}; restarting every worker (attempt {attempt} of {})",
+                    spec.max_restarts
+                );
+            }
+            Outcome::Failed(failure) => {
+                let restarts = if spec.max_restarts > 0 {
+                    format!(" (after {} restarts)", spec.max_restarts)
+                } else {
+                    String::new()
+                };
+                return Err(LaunchError::WorkerFailed { failure, restarts });
+            }
+        }
+    }
+}
+
+fn supervise(
+    spec: &LaunchSpec,
+    store: &mut StoreClient,
+    workers: &mut [Worker],
+    attempt: usize,
+    failed_key: &str,
+    nodes: &[String],
+) -> Result<Outcome, LaunchError> {
+    let done_key = |n: usize| format!("launcher/done/{attempt}/node {n}");
+    let mut reported_done = false;
+    loop {
+        match SIGNALLED.load(Ordering::SeqCst) {
+            libc::SIGINT => return Ok(Outcome::Interrupted("SIGINT")),
+            libc::SIGTERM => return Ok(Outcome::Interrupted("SIGTERM")),
+            _ => {}
+        }
+        let mut failed: Vec<(usize, ExitStatus)> = vec![];
+        for w in workers.iter_mut().filter(|w| w.status.is_none()) {
+            if let Some(status) = w.child.try_wait().ok().flatten() {
+                w.status = Some(status);
+                if !status.success() {
+                    failed.push((w.rank, status));
+                }
+            }
+        }
+        // Of failures seen together, a worker killed by a signal is the likelier cause (the others
+        // then lose their ring neighbour and exit with an error).
+        failed.sort_by_key(|(rank, status)| (status.signal().is_none(), *rank));
+        if let Some((rank, status)) = failed.first() {
+            let failure = format!("rank {rank} {} (node {})", describe(*status), spec.node_rank);
+            // Tell the other nodes (the first failure wins).
+            if store.get(failed_key)?.is_none() {
+                store.set(failed_key, failure.as_bytes())?;
+            }
+            return Ok(Outcome::Failed(failure));
+        }
+        if let Some(remote) = store.get(failed_key)? {
+            return Ok(Outcome::Failed(String::from_utf8_lossy(&remote).into_owned()));
+        }
+        if workers.iter().all(|w| w.status.is_some()) {
+            if !reported_done {
+                store.set(&done_key(spec.node_rank), b"1")?;
+                reported_done = true;
+            }
+            let mut all = true;
+            for n in 0..nodes.len() {
+                all &= store.get(&done_key(n))?.is_some();
+            }
+            if all {
+                // Node 0 serves the store: it leaves only after every node has seen the success.
+                let ack = |n: usize| format!("launcher/ack/{attempt}/node {n}");
+                store.set(&ack(spec.node_rank), b"1")?;
+                if spec.node_rank == 0 {
+                    let keys: Vec<String> = (0..nodes.len()).map(ack).collect();
+                    store.wait(&keys, spec.timeout, "the other nodes to finish")?;
+                }
+                return Ok(Outcome::Success);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// GPUs visible to this node: CUDA_VISIBLE_DEVICES when set, else /dev/nvidiaN devices.
+pub fn visible_gpus() -> Vec<String> {
+    if let Ok(v) = std::env::var("CUDA_VISIBLE_DEVICES") {
+        return v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
+    }
+    let mut ids: Vec<usize> = std::fs::read_dir("/dev")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("nvidia")?.parse().ok()).collect()
+        })
+        .unwrap_or_default();
+    ids.sort_unstable();
+    ids.into_iter().map(|i| i.to_string()).collect()
+}
