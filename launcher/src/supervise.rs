@@ -173,7 +173,9 @@ fn stop_all(workers: &mut [Worker], grace: Duration) {
         unsafe { libc::kill(w.child.id() as libc::pid_t, libc::SIGTERM) };
     }
     let deadline = Instant::now() + grace;
-    while Instant::now() < deadline && workers.iter_mut().any(|w| w.status.is_none() && w.child.try_wait().ok().flatten().is_none()) {
+    while Instant::now() < deadline
+        && workers.iter_mut().any(|w| w.status.is_none() && w.child.try_wait().ok().flatten().is_none())
+    {
         std::thread::sleep(Duration::from_millis(50));
     }
     for w in workers.iter_mut() {
@@ -196,11 +198,8 @@ enum Outcome {
 /// Runs the job on this node; returns when every worker of every node has finished, or fails.
 pub fn launch(spec: &LaunchSpec) -> Result<(), LaunchError> {
     install_signal_handlers();
-    let _server = if spec.node_rank == 0 {
-        Some(StoreServer::serve("0.0.0.0", spec.master_port, &spec.run_id)?)
-    } else {
-        None
-    };
+    let _server =
+        if spec.node_rank == 0 { Some(StoreServer::serve("0.0.0.0", spec.master_port, &spec.run_id)?) } else { None };
     let mut store = StoreClient::connect(&spec.master_addr, spec.master_port, &spec.run_id, 0, spec.timeout)?;
     let nodes: Vec<String> = (0..spec.nnodes).map(|n| format!("node {n}")).collect();
     let me = format!("node {}", spec.node_rank);
@@ -304,9 +303,7 @@ pub fn visible_gpus() -> Vec<String> {
         return v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
     }
     let mut ids: Vec<usize> = std::fs::read_dir("/dev")
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("nvidia")?.parse().ok()).collect()
-        })
+        .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("nvidia")?.parse().ok()).collect())
         .unwrap_or_default();
     ids.sort_unstable();
     ids.into_iter().map(|i| i.to_string()).collect()
