@@ -132,3 +132,15 @@ impl Collective for Nccl {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Runs without a GPU: the library and its version only need the wheel's files.
+    #[test]
+    fn the_wheels_nccl_is_found_and_is_the_one_libtorch_loaded() {
+        let (version, file) = super::library().unwrap();
+        println!("NCCL {version} from {file}");
+        assert_eq!(version, 22907, "torch 2.13's wheel bundles NCCL 2.29.7");
+        assert!(file.ends_with("nvidia/nccl/lib/libnccl.so.2"), "{file}");
+    }
+}
