@@ -25,6 +25,10 @@ pub enum Command {
     /// supervision and restarts (ferrotune's torchrun). Example: ferrotune launch --nproc-per-node 2 --
     /// train configs/run.toml
     Launch(LaunchArgs),
+    /// Run a grid of training trials (e.g. masking strategy x learning rate) and write a report.
+    Sweep(SweepArgs),
+    /// Write the Markdown/CSV table and PNG figure of a sweep directory.
+    Report(ReportArgs),
     /// Evaluate a model (optionally with a LoRA adapter): masked loss, or CoQA-style EM/F1 by generation.
     Eval(EvalArgs),
     /// Merge a LoRA adapter into its base model and write a full Hugging Face checkpoint.
@@ -167,6 +171,8 @@ impl Command {
             Command::Generate(_) => "generate",
             Command::Train(_) => "train",
             Command::Launch(_) => "launch",
+            Command::Sweep(_) => "sweep",
+            Command::Report(_) => "report",
             Command::Eval(_) => "eval",
             Command::Export(_) => "export",
             Command::Check(_) => "check",
@@ -256,6 +262,29 @@ pub struct LaunchArgs {
     /// The worker command after `--`: `train CONFIG [--set ...] [--resume]`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<std::ffi::OsString>,
+}
+
+#[derive(clap::Args)]
+pub struct SweepArgs {
+    /// Sweep file (TOML): `base` run config, `name`, optional `dir`, `set`, `nproc_per_node`, and a
+    /// `[grid]` of config keys to lists of values; see configs/sweep-*.toml.
+    pub sweep: PathBuf,
+    /// Run this many trials at a time, each with its share of the GPUs (or of the CPU cores).
+    #[arg(long, default_value_t = 1, value_name = "K")]
+    pub parallel: usize,
+    /// List the trials and what each changes, and whether it is new, finished or to be resumed; run
+    /// nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Override a config key in every trial (after the sweep file's `set`, before the grid's values).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+#[derive(clap::Args)]
+pub struct ReportArgs {
+    /// A sweep directory (holding sweep.json and trials/).
+    pub dir: PathBuf,
 }
 
 #[derive(clap::Args)]

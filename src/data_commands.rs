@@ -25,6 +25,12 @@ pub fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Launch(a) => crate::launch::run(a),
+        Command::Sweep(a) => crate::sweep::run(a),
+        Command::Report(a) => {
+            let w = crate::report::write(&a.dir)?;
+            println!("wrote {}, {} and {}", w.markdown.display(), w.csv.display(), w.png.display());
+            Ok(())
+        }
         other => bail!("`{}` needs libtorch and runs in ferrotune-worker", other.name()),
     }
 }

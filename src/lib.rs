@@ -7,3 +7,5 @@ pub mod data_commands;
 pub mod front;
 pub mod launch;
 pub mod logging;
+pub mod report;
+pub mod sweep;
