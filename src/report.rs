@@ -62,7 +62,11 @@ pub fn collect(dir: &Path) -> Result<(SweepIndex, Vec<TrialRow>)> {
             wall_s: read_status(&run).map(|s| s.wall_s),
             ..Default::default()
         };
-        let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
+        let metrics_path = run.join("metrics.jsonl");
+        let metrics = std::fs::read_to_string(&metrics_path).unwrap_or_default();
+        if metrics.is_empty() && row.status != "not run" {
+            tracing::warn!("trial {}: no metrics in {}", t.name, metrics_path.display());
+        }
         let (mut tps, mut tps_n) = (0.0, 0);
         for line in metrics.lines() {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };

@@ -155,7 +155,9 @@ fn plan(args: &SweepArgs) -> Result<Plan> {
         );
     }
     let trials = trials(&file.grid).with_context(|| format!("{}", args.sweep.display()))?;
-    let dir = file.dir.join(&file.name);
+    // Absolute, because run configs resolve relative paths against their own directory.
+    let dir = std::path::absolute(file.dir.join(&file.name))?;
+    let base = std::path::absolute(base)?;
     Ok(Plan { base, dir, trials, extra: args.set.clone(), file })
 }
 

@@ -198,7 +198,7 @@ fn a_failed_trial_does_not_stop_the_others_and_trials_can_be_multi_process() {
     let out = text(&o);
     assert!(!o.status.success(), "{out}");
     assert!(out.contains("1 of 3 trials failed: 01-strategy=sometimes"), "{out}");
-    assert!(out.contains("unknown masking strategy `sometimes`"), "{out}");
+    assert!(out.contains("`sometimes` is not one of all, assistant, boilerplate, last, auto"), "{out}");
     let rows = csv_rows(&tmp.path().join("sweeps/s/report.csv"));
     let status: Vec<&str> = rows.iter().map(|r| r["status"].as_str()).collect();
     assert_eq!(status, ["done", "failed", "done"]);

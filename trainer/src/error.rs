@@ -12,7 +12,7 @@ pub enum Error {
     #[error("{path}: invalid JSON: {source}")]
     Json { path: PathBuf, source: serde_json::Error },
 
-    #[error("{path}: config key `{key}`: {msg}")]
+    #[error("{}config key `{key}`: {msg}", if path.as_os_str().is_empty() { String::new() } else { format!("{}: ", path.display()) })]
     Config { path: PathBuf, key: String, msg: String },
 
     #[error("{path}: {msg}")]
