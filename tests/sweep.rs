@@ -114,7 +114,7 @@ fn the_bundled_cpu_sweep_runs_end_to_end_with_its_report() {
     let tb: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     for (t, r) in trials.iter().zip(&rows) {
         let got = &tb[t.to_str().unwrap()];
-        assert_eq!(got["hparams"]["data.strategy"]["stringValue"], r["data.strategy"].as_str(), "{got}");
+        assert_eq!(got["hparams"]["data.strategy"], r["data.strategy"].as_str(), "{got}");
         let em = got["scalars"]["hparams/em"].as_f64().expect("hparams/em");
         assert!((em - r["em"].parse::<f64>().unwrap()).abs() < 0.051, "{em} vs {}", r["em"]);
         assert!(got["scalars"]["hparams/f1"].is_number() && got["scalars"]["hparams/eval_loss"].is_number());
