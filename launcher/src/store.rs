@@ -173,13 +173,26 @@ impl StoreClient {
     pub fn connect(host: &str, port: u16, token: &str, generation: u64, timeout: Duration) -> Result<Self> {
         let addr = format!("{host}:{port}");
         let deadline = Instant::now() + timeout;
-        let mut conn = loop {
-            let attempt = addr
-                .to_socket_addrs()
-                .and_then(|mut a| a.next().ok_or_else(|| std::io::Error::other("no address")))
-                .and_then(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)));
-            match attempt {
-                Ok(c) => break c,
+        // Connection and hello are retried together until the deadline: the server may not be up yet,
+        // or may be going away (a restart), which shows as a reset during the hello.
+        let hello = |addr: &str| -> std::io::Result<std::result::Result<TcpStream, String>> {
+            let a = addr.to_socket_addrs()?.next().ok_or_else(|| std::io::Error::other("no address"))?;
+            let mut conn = TcpStream::connect_timeout(&a, Duration::from_secs(2))?;
+            conn.set_nodelay(true)?;
+            conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+            send(&mut conn, &Request::Hello { token: token.into() })?;
+            let answer = recv::<Response>(&mut conn)?;
+            conn.set_read_timeout(None)?;
+            Ok(match answer {
+                Response::Ok => Ok(conn),
+                Response::Refused(msg) => Err(msg),
+                other => Err(format!("unexpected answer {other:?}")),
+            })
+        };
+        let conn = loop {
+            match hello(&addr) {
+                Ok(Ok(c)) => break c,
+                Ok(Err(msg)) => return Err(StoreError::Refused { addr, msg }),
                 Err(e) if Instant::now() >= deadline => {
                     return Err(StoreError::Io {
                         addr,
@@ -189,14 +202,6 @@ impl StoreClient {
                 Err(_) => std::thread::sleep(Duration::from_millis(100)),
             }
         };
-        let _ = conn.set_nodelay(true);
-        let io = |e: std::io::Error| StoreError::Io { addr: addr.clone(), msg: e.to_string() };
-        send(&mut conn, &Request::Hello { token: token.into() }).map_err(io)?;
-        match recv::<Response>(&mut conn).map_err(io)? {
-            Response::Ok => {}
-            Response::Refused(msg) => return Err(StoreError::Refused { addr, msg }),
-            other => return Err(StoreError::Io { addr, msg: format!("unexpected answer {other:?}") }),
-        }
         Ok(StoreClient { conn, addr, prefix: format!("gen/{generation}/") })
     }
 
