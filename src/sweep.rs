@@ -344,4 +344,20 @@ mod tests {
         let bad: toml::Table = toml::from_str("\"train.lr\" = 3\n").unwrap();
         assert!(trials(&bad).unwrap_err().to_string().contains("must be a list"));
     }
+
+    #[test]
+    fn every_bundled_sweep_parses_and_names_an_existing_base() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.file_name().unwrap().to_string_lossy().starts_with("sweep-") {
+                let args = SweepArgs { sweep: p.clone(), parallel: 1, dry_run: true, set: vec![] };
+                let plan = plan(&args).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+                assert!(plan.trials.len() >= 4, "{}", p.display());
+                n += 1;
+            }
+        }
+        assert_eq!(n, 2);
+    }
 }
