@@ -21,8 +21,28 @@ fn help_documents_every_subcommand() {
     let o = ferrotune(&["--help"]);
     let (out, _) = text(&o);
     assert!(o.status.success());
-    for sub in ["inspect", "generate", "check", "preview", "prepare", "convert"] {
+    for sub in [
+        "inspect", "generate", "train", "launch", "sweep", "report", "eval", "export", "check", "preview", "prepare",
+        "convert",
+    ] {
         assert!(out.contains(sub), "{out}");
+    }
+    let (out, _) = text(&ferrotune(&["launch", "--help"]));
+    for flag in [
+        "--nproc-per-node",
+        "--nnodes",
+        "--node-rank",
+        "--master-addr",
+        "--master-port",
+        "--max-restarts",
+        "--run-id",
+        "--log-dir",
+    ] {
+        assert!(out.contains(flag), "launch --help lacks {flag}: {out}");
+    }
+    let (out, _) = text(&ferrotune(&["sweep", "--help"]));
+    for flag in ["--parallel", "--dry-run", "--set"] {
+        assert!(out.contains(flag), "sweep --help lacks {flag}: {out}");
     }
     let (out, _) = text(&ferrotune(&["generate", "--help"]));
     for flag in ["--model", "--chat", "--system", "--max-new-tokens", "--dtype", "--device"] {

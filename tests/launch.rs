@@ -302,3 +302,26 @@ fn another_run_id_is_refused_and_a_port_in_use_is_a_clear_error() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("serves run id `job-a`") && err.contains("`job-b`"), "{err}");
 }
+
+#[test]
+fn sigterm_to_the_launcher_stops_every_worker() {
+    let j = job(&[]);
+    let port = free_port().to_string();
+    let mut c = launch(&j, "term", &["--nproc-per-node".into(), "2".into(), "--master-port".into(), port]);
+    c.args(["--set", "train.max_steps=500", "--set", "train.n_checkpoints=50", "--set", "train.log_every=50"]);
+    let child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let marker = j.run_dir("term").join("checkpoints/step-10/DONE");
+    let t0 = Instant::now();
+    while !marker.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint at step 10");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let sent = Instant::now();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("interrupted by SIGTERM; stopped every worker"), "{err}");
+    assert!(sent.elapsed() < Duration::from_secs(10), "took {:?}", sent.elapsed());
+    let leftovers = Command::new("pgrep").args(["-f", "ferrotune-worker train.*term"]).output().unwrap();
+    assert!(leftovers.stdout.is_empty(), "orphaned workers: {}", String::from_utf8_lossy(&leftovers.stdout));
+}
