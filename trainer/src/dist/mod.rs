@@ -23,6 +23,13 @@ pub trait Collective {
     /// Sums a few host numbers over all ranks, in place.
     fn all_reduce_f64(&mut self, v: &mut [f64]) -> Result<()>;
 
+    /// Averages a contiguous fp32 tensor on `device()` over all ranks, in place.
+    fn all_reduce_avg(&mut self, t: &Tensor) -> Result<()> {
+        self.all_reduce_sum(t)?;
+        let _ = t.shallow_clone().g_div_scalar_(self.world() as f64);
+        Ok(())
+    }
+
     /// Every rank's `v`, in rank order.
     fn all_gather_f64(&mut self, v: f64) -> Result<Vec<f64>> {
         let mut all = vec![0.0; self.world()];

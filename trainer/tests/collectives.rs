@@ -1,0 +1,49 @@
+//! The CPU ring on 3 ranks (threads of this process, real TCP on loopback, rendezvous through the
+//! store): all-reduce sum and average of buffers whose length is 0, smaller than the world, not a
+//! multiple of it and large (several receive pieces), broadcast, all-gather and barrier. Values are
+//! small integers, so sums are exact and compared with ==.
+
+use ferrotune_launcher::store::{StoreClient, StoreServer};
+use ferrotune_trainer::dist::ring::Ring;
+use ferrotune_trainer::dist::Collective;
+use std::time::Duration;
+use tch::{Device, Kind, Tensor};
+
+const WORLD: usize = 3;
+
+#[test]
+fn ring_collectives_on_three_ranks() {
+    let server = StoreServer::serve("127.0.0.1", 0, "ring-test").unwrap();
+    let port = server.port;
+    let sizes = [0usize, 1, 2, 7, (1 << 20) * 3 + 5];
+    let handles: Vec<_> = (0..WORLD)
+        .map(|rank| {
+            std::thread::spawn(move || {
+                let t = Duration::from_secs(30);
+                let mut store = StoreClient::connect("127.0.0.1", port, "ring-test", 0, t).unwrap();
+                let mut ring = Ring::connect(&mut store, rank, WORLD, t).unwrap();
+                for n in sizes {
+                    // Rank r holds i + 10 r at index i: the sum is 3 i + 30.
+                    let x = (Tensor::arange(n as i64, (Kind::Float, Device::Cpu)) + 10.0 * rank as f64).contiguous();
+                    ring.all_reduce_sum(&x).unwrap();
+                    let expected = Tensor::arange(n as i64, (Kind::Float, Device::Cpu)) * 3.0 + 30.0;
+                    assert!(x.equal(&expected), "sum of {n} elements on rank {rank}");
+                    let y = (Tensor::ones([n as i64], (Kind::Float, Device::Cpu)) * (rank + 1) as f64).contiguous();
+                    ring.all_reduce_avg(&y).unwrap();
+                    assert!(y.equal(&(Tensor::ones([n as i64], (Kind::Float, Device::Cpu)) * 2.0)), "avg of {n}");
+                }
+                let b = Tensor::from_slice(&[rank as f32 + 0.5, -1.25 * rank as f32]);
+                ring.broadcast(&b, 1).unwrap();
+                assert_eq!(Vec::<f32>::try_from(&b).unwrap(), vec![1.5, -1.25]);
+                assert_eq!(ring.all_gather_f64(rank as f64 * 1.5).unwrap(), vec![0.0, 1.5, 3.0]);
+                let mut v = [rank as f64, 1.0];
+                ring.all_reduce_f64(&mut v).unwrap();
+                assert_eq!(v, [3.0, 3.0]);
+                ring.barrier().unwrap();
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
