@@ -264,13 +264,18 @@ fn supervise(
         failed.sort_by_key(|(rank, status)| (status.signal().is_none(), *rank));
         if let Some((rank, status)) = failed.first() {
             let failure = format!("rank {rank} {} (node {})", describe(*status), spec.node_rank);
-            // Tell the other nodes (the first failure wins).
-            if store.get(failed_key)?.is_none() {
-                store.set(failed_key, failure.as_bytes())?;
+            // Tell the other nodes (the first failure wins); if the store is gone, so are they.
+            if matches!(store.get(failed_key), Ok(None)) {
+                let _ = store.set(failed_key, failure.as_bytes());
             }
             return Ok(Outcome::Failed(failure));
         }
-        if let Some(remote) = store.get(failed_key)? {
+        let remote = match store.get(failed_key) {
+            Ok(v) => v,
+            // Node 0's launcher serves the store: losing it means that launcher has stopped.
+            Err(e) => Some(format!("lost the rendezvous store ({e}): node 0's launcher has stopped").into_bytes()),
+        };
+        if let Some(remote) = remote {
             return Ok(Outcome::Failed(String::from_utf8_lossy(&remote).into_owned()));
         }
         if workers.iter().all(|w| w.status.is_some()) {
@@ -285,10 +290,13 @@ fn supervise(
             if all {
                 // Node 0 serves the store: it leaves only after every node has seen the success.
                 let ack = |n: usize| format!("launcher/ack/{attempt}/node {n}");
-                store.set(&ack(spec.node_rank), b"1")?;
                 if spec.node_rank == 0 {
+                    store.set(&ack(0), b"1")?;
                     let keys: Vec<String> = (0..nodes.len()).map(ack).collect();
                     store.wait(&keys, spec.timeout, "the other nodes to finish")?;
+                } else {
+                    // Node 0 leaves (taking the store) as soon as this lands, possibly before it answers.
+                    let _ = store.set(&ack(spec.node_rank), b"1");
                 }
                 return Ok(Outcome::Success);
             }
