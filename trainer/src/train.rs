@@ -262,12 +262,23 @@ pub fn train(cfg: RunConfig, opts: RunOptions, coll: &mut dyn Collective, logger
     }
     tracing::debug!(rank, world, "joined");
     if lead {
+        let method = match &plan.lora {
+            Some(l) => format!("LoRA r={} alpha={} on {:?}", l.r, l.alpha, l.target_modules),
+            None => "full fine-tuning".into(),
+        };
         tracing::info!(
-        "plan: {} rows of {} tokens, {} steps ({} per epoch), {} rows/step ({} micro-batches of {}), lr {:e} {:?} warmup {}, {}",
-        plan.rows, cfg.data.max_seq_len, plan.total_steps, plan.steps_per_epoch, plan.rows_per_step, plan.grad_accum,
-        cfg.train.micro_batch_size, plan.schedule.peak_lr, plan.schedule.kind, plan.schedule.warmup_steps,
-        match &plan.lora { Some(l) => format!("LoRA r={} alpha={} on {:?}", l.r, l.alpha, l.target_modules), None => "full fine-tuning".into() }
-    );
+            "plan: {} rows of {} tokens, {} steps ({} per epoch), {} rows/step ({} micro-batches of {}), lr {:e} {:?} warmup {}, {method}",
+            plan.rows,
+            cfg.data.max_seq_len,
+            plan.total_steps,
+            plan.steps_per_epoch,
+            plan.rows_per_step,
+            plan.grad_accum,
+            cfg.train.micro_batch_size,
+            plan.schedule.peak_lr,
+            plan.schedule.kind,
+            plan.schedule.warmup_steps,
+        );
     }
     logger.text("config", &format!("```toml\n{}```", cfg.to_toml()));
 
