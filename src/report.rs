@@ -72,7 +72,8 @@ pub fn collect(dir: &Path) -> Result<(SweepIndex, Vec<TrialRow>)> {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
             let step = v["step"].as_f64().unwrap_or(0.0);
             if let Some(l) = v["train/loss"].as_f64() {
-                // A resumed trial logs the steps after its checkpoint again: keep the latest value.
+                // A resume drops the steps logged after the checkpoint; should any remain (a failed
+                // rewrite), keep the latest value.
                 row.loss.retain(|&(s, _)| s != step);
                 row.loss.push((step, l));
             }

@@ -5,7 +5,7 @@
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub trait Logger {
     /// Scalars of one optimizer step (e.g. `train/loss`).
@@ -14,6 +14,9 @@ pub trait Logger {
     fn text(&mut self, _tag: &str, _text: &str) {}
     /// Hyperparameters of the run and its final metrics (TensorBoard's HParams dashboard).
     fn hparams(&mut self, _hparams: &BTreeMap<String, Value>, _metrics: &[(&str, f64)]) {}
+    /// The run resumed from the checkpoint of `step`: whatever an earlier attempt logged after that step
+    /// is about to be logged again and must not be shown twice.
+    fn resumed(&mut self, _step: u64) {}
     fn flush(&mut self) {}
 }
 
@@ -26,6 +29,7 @@ impl Logger for Null {
 /// One JSON object per line: {"step": N, "train/loss": x, ...}.
 pub struct Jsonl {
     file: std::io::BufWriter<std::fs::File>,
+    path: PathBuf,
     failed: bool,
 }
 
@@ -33,7 +37,27 @@ impl Jsonl {
     /// Appends to `path` (a resumed run continues the same file).
     pub fn open(path: &Path) -> std::io::Result<Self> {
         let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(Jsonl { file: std::io::BufWriter::new(file), failed: false })
+        Ok(Jsonl { file: std::io::BufWriter::new(file), path: path.to_path_buf(), failed: false })
+    }
+
+    /// Rewrites the file without the lines of steps after `step` (atomically: a crash leaves the old
+    /// file or the new one), then appends to the new file.
+    fn truncate_after(&mut self, step: u64) -> std::io::Result<()> {
+        self.file.flush()?;
+        let text = std::fs::read_to_string(&self.path)?;
+        let after = |line: &str| {
+            serde_json::from_str::<Value>(line).ok().and_then(|v| v.get("step")?.as_u64()).is_some_and(|s| s > step)
+        };
+        let kept: String = text.lines().filter(|l| !after(l)).flat_map(|l| [l, "\n"]).collect();
+        if kept.len() == text.len() {
+            return Ok(());
+        }
+        let tmp = self.path.with_extension("jsonl.tmp");
+        std::fs::write(&tmp, kept)?;
+        std::fs::rename(&tmp, &self.path)?;
+        let file = std::fs::OpenOptions::new().append(true).open(&self.path)?;
+        self.file = std::io::BufWriter::new(file);
+        Ok(())
     }
 }
 
@@ -51,6 +75,15 @@ impl Logger for Jsonl {
             }
         }
     }
+
+    fn resumed(&mut self, step: u64) {
+        if let Err(e) = self.truncate_after(step) {
+            tracing::warn!(
+                "cannot drop the steps after {step} from {} ({e}); they will appear twice",
+                self.path.display()
+            );
+        }
+    }
 }
 
 /// Sends everything to several sinks.
@@ -65,6 +98,9 @@ impl Logger for FanOut {
     }
     fn hparams(&mut self, h: &BTreeMap<String, Value>, m: &[(&str, f64)]) {
         self.0.iter_mut().for_each(|l| l.hparams(h, m));
+    }
+    fn resumed(&mut self, step: u64) {
+        self.0.iter_mut().for_each(|l| l.resumed(step));
     }
     fn flush(&mut self) {
         self.0.iter_mut().for_each(|l| l.flush());

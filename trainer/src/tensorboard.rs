@@ -1,9 +1,9 @@
 //! TensorBoard event files written directly: TFRecord framing (length, masked CRC-32C, payload, masked
 //! CRC-32C) around `Event` protobufs encoded with prost from the hand-written message subset below
 //! (field numbers from tensorboard/compat/proto/{event,summary,tensor}.proto and
-//! plugins/hparams/{api,plugin_data}.proto). Scalars, text (the text plugin's string tensor) and hparams
-//! (experiment, session start with the hyperparameters, session end). Verified with TensorBoard's own
-//! `EventAccumulator` in tests. It does not read event files.
+//! plugins/hparams/{api,plugin_data}.proto). Scalars, text (the text plugin's string tensor), hparams
+//! (experiment, session start with the hyperparameters, session end) and a SessionLog START on resume.
+//! Verified with TensorBoard's own `EventAccumulator` in tests. It does not read event files.
 
 use crate::metrics::Logger;
 use prost::Message;
@@ -21,6 +21,15 @@ struct Event {
     file_version: Option<String>,
     #[prost(message, optional, tag = "5")]
     summary: Option<Summary>,
+    #[prost(message, optional, tag = "7")]
+    session_log: Option<SessionLog>,
+}
+
+/// `SessionLog` with status START (1): readers drop earlier events at or after its step.
+#[derive(Clone, PartialEq, Message)]
+struct SessionLog {
+    #[prost(int32, tag = "1")]
+    status: i32,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -166,10 +175,27 @@ impl TensorBoard {
         std::fs::create_dir_all(logdir)?;
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "host".into());
         let name = format!("events.out.tfevents.{}.{}.{}.ferrotune", now() as u64, host.trim(), std::process::id());
-        let path = logdir.join(name);
-        let file = std::io::BufWriter::new(std::fs::File::create(&path)?);
+        // A second file in the same second of the same process (a resume in-process) gets a suffix,
+        // which sorts after the first: readers load event files in name order.
+        let mut path = logdir.join(&name);
+        let mut n = 0;
+        let file = loop {
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 9 => {
+                    n += 1;
+                    path = logdir.join(format!("{name}.{n}"));
+                }
+                r => break std::io::BufWriter::new(r?),
+            }
+        };
         let mut tb = TensorBoard { file, path, failed: false };
-        tb.write(&Event { wall_time: now(), step: 0, file_version: Some("brain.Event:2".into()), summary: None });
+        tb.write(&Event {
+            wall_time: now(),
+            step: 0,
+            file_version: Some("brain.Event:2".into()),
+            summary: None,
+            session_log: None,
+        });
         Ok(tb)
     }
 
@@ -196,6 +222,7 @@ impl TensorBoard {
             step: step as i64,
             file_version: None,
             summary: Some(Summary { value }),
+            session_log: None,
         });
     }
 
@@ -212,6 +239,18 @@ impl TensorBoard {
 }
 
 impl Logger for TensorBoard {
+    /// A SessionLog START at `step + 1`: TensorBoard drops what an earlier attempt logged after `step`
+    /// (EventAccumulator's purge of orphaned data), so a restarted run's curve is shown once.
+    fn resumed(&mut self, step: u64) {
+        self.write(&Event {
+            wall_time: now(),
+            step: step as i64 + 1,
+            file_version: None,
+            summary: None,
+            session_log: Some(SessionLog { status: 1 }),
+        });
+    }
+
     fn scalars(&mut self, step: u64, values: &[(&str, f64)]) {
         let v = values
             .iter()

@@ -300,6 +300,7 @@ pub fn train(cfg: RunConfig, opts: RunOptions, coll: &mut dyn Collective, logger
         loader.restore(state.loader);
         step = s;
         last_loss = state.last_loss;
+        logger.resumed(s);
         tracing::info!("resumed from {} (step {s}, loss {last_loss:.4})", dir.display());
     }
 

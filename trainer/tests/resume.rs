@@ -84,6 +84,24 @@ fn check_resume(lora: bool, dtype: &str) {
     assert!(wa == wb, "final weights differ");
 }
 
+/// A run that dies at step 13 with its last checkpoint at step 10 (simulated by deleting the checkpoint
+/// `--stop-after-steps` wrote at 13) logs steps 11-13 twice; on resume metrics.jsonl drops the first
+/// copies, so the file equals an uninterrupted run's line for line.
+#[test]
+fn a_crash_after_the_last_checkpoint_leaves_no_repeated_steps() {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = config(tmp.path(), "straight", true, "fp32");
+    c.train.n_checkpoints = 2; // steps 10 and 20
+    let straight = run(&c, false, None);
+    c.output.run_name = "crashed".into();
+    let first = run(&c, false, Some(13));
+    std::fs::remove_dir_all(first.run_dir.join("checkpoints/step-13")).unwrap();
+    assert_eq!(losses(&first.run_dir).len(), 13);
+    let second = run(&c, true, None);
+    assert_eq!(losses(&second.run_dir), losses(&straight.run_dir));
+}
+
 #[test]
 fn lora_ten_plus_ten_equals_twenty() {
     check_resume(true, "fp32");
