@@ -153,6 +153,25 @@ pub fn write(dir: &Path) -> Result<Written> {
 
 const FONT: &[u8] = include_bytes!("fonts/DejaVuSans.ttf");
 
+/// Trial colours: matplotlib's tab10 cycle, which ML engineers read at a glance (and which stays
+/// legible on white, unlike a pale yellow).
+fn color(i: usize) -> RGBAColor {
+    const TAB10: [(u8, u8, u8); 10] = [
+        (31, 119, 180),
+        (255, 127, 14),
+        (44, 160, 44),
+        (214, 39, 40),
+        (148, 103, 189),
+        (140, 86, 75),
+        (227, 119, 194),
+        (127, 127, 127),
+        (188, 189, 34),
+        (23, 190, 207),
+    ];
+    let (r, g, b) = TAB10[i % TAB10.len()];
+    RGBColor(r, g, b).to_rgba()
+}
+
 fn plot(path: &Path, keys: &[String], rows: &[TrialRow]) -> Result<()> {
     // Registering twice (a second report in one process) is harmless.
     let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
@@ -167,22 +186,27 @@ fn plot(path: &Path, keys: &[String], rows: &[TrialRow]) -> Result<()> {
     let (lo, hi) = points.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
     let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
     let pad = ((hi - lo) * 0.05).max(1e-3);
+    // Headroom above the curves for the legend (about 20 px a trial of a ~480 px plot), so it covers none.
+    let legend = ((rows.len() as f64 * 20.0 + 16.0) / 480.0).min(0.6);
+    let top = hi + pad + (hi - lo + 2.0 * pad) * legend / (1.0 - legend);
     let mut chart = ChartBuilder::on(&left)
         .caption("training loss per trial", ("sans-serif", 24))
         .margin(16)
         .x_label_area_size(44)
         .y_label_area_size(64)
-        .build_cartesian_2d(0.0..max_step, (lo - pad)..(hi + pad))
+        .build_cartesian_2d(0.0..max_step, (lo - pad)..top)
         .map_err(|e| err(&e))?;
     chart
         .configure_mesh()
         .x_desc("optimizer step")
         .y_desc("train/loss")
+        .x_labels((max_step as usize + 1).min(11))
+        .x_label_formatter(&|x| if x.fract() == 0.0 { format!("{x:.0}") } else { format!("{x}") })
         .label_style(("sans-serif", 15))
         .draw()
         .map_err(|e| err(&e))?;
     for (i, r) in rows.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+        let color = color(i);
         chart
             .draw_series(LineSeries::new(r.loss.iter().copied(), color.stroke_width(2)))
             .map_err(|e| err(&e))?
@@ -222,7 +246,7 @@ fn plot(path: &Path, keys: &[String], rows: &[TrialRow]) -> Result<()> {
         .map_err(|e| err(&e))?;
     for (i, r) in rows.iter().enumerate() {
         let x = i as f64;
-        let color = Palette99::pick(i).to_rgba();
+        let color = color(i);
         let values: Vec<(f64, f64, f64)> = if scored {
             vec![(x + 0.1, x + 0.48, r.em.unwrap_or(0.0)), (x + 0.52, x + 0.9, r.f1.unwrap_or(0.0))]
         } else {
