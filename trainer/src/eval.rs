@@ -28,7 +28,7 @@ pub fn mean_loss(model: &Llama, cache: &TokenCache, batch: usize) -> (f64, usize
         if b.trained == 0 {
             continue;
         }
-        let hidden = model.forward(&b.ids, &b.positions, Some(&b.docs), None);
+        let hidden = model.forward_packed(&b.ids, &b.positions, &b.attend);
         sum += loss::masked_ce_sum(model, &hidden, &b.idx, &b.targets);
         n += b.trained;
     }

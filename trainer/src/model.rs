@@ -224,45 +224,60 @@ impl Llama {
     /// `input_ids` and `position_ids` are (B, T) int64. `doc_ids` (B, T) marks which document each token
     /// belongs to in a packed row: a token attends only to earlier tokens of its own document. `None`
     /// means one document per row (plain causal attention). With `cache`, the new tokens also attend to
-    /// the cached ones of their document, and are appended to it.
+    /// the cached ones of their document, and are appended to it. Without a cache, `doc_ids` is read
+    /// back to the host to find the documents; callers that hold the ids on the host (training,
+    /// evaluation) build an [`Attend`] there and call [`Llama::forward_packed`] instead.
     pub fn forward(
         &self,
         input_ids: &Tensor,
         position_ids: &Tensor,
         doc_ids: Option<&Tensor>,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> Tensor {
         let (b, t) = input_ids.size2().expect("input_ids must be (B, T)");
+        let Some(cache) = cache else {
+            let attend = match doc_ids {
+                None => Attend::Causal,
+                Some(d) => {
+                    let ids = Vec::<i64>::try_from(d.to_device(Device::Cpu).reshape([-1]))
+                        .expect("doc_ids must be (B, T) int64");
+                    Attend::packed(&ids, b as usize, d.device())
+                }
+            };
+            return self.run(input_ids, position_ids, &attend, None);
+        };
+        let past = cache.len();
+        let new_docs = match doc_ids {
+            Some(d) => d.shallow_clone(),
+            None => Tensor::zeros([b, t], (Kind::Int64, input_ids.device())),
+        };
+        let all_docs = match &cache.doc_ids {
+            Some(prev) => Tensor::cat(&[prev, &new_docs], 1),
+            None => new_docs.shallow_clone(),
+        };
+        let mask = block_causal_mask(&new_docs, &all_docs, past);
+        cache.doc_ids = Some(all_docs);
+        cache.layers.resize_with(self.layers.len(), || None);
+        self.run(input_ids, position_ids, &Attend::Mask(mask), Some(cache))
+    }
+
+    /// Hidden states (B, T, C) of packed rows whose documents `attend` describes (no cache).
+    pub fn forward_packed(&self, input_ids: &Tensor, position_ids: &Tensor, attend: &Attend) -> Tensor {
+        self.run(input_ids, position_ids, attend, None)
+    }
+
+    fn run(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        attend: &Attend,
+        mut cache: Option<&mut KvCache>,
+    ) -> Tensor {
         let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false); // (B, T, C)
         let (cos, sin) = rope::cos_sin(&self.inv_freq, position_ids, self.kind); // (B, T, D)
-        let layout = match cache.as_deref_mut() {
-            None => match doc_ids {
-                None => Layout::Causal,
-                Some(d) => match document_spans(d) {
-                    Some(spans) if spans.iter().all(|r| r.len() == 1) => Layout::Causal,
-                    Some(spans) => Layout::Spans(spans),
-                    None => Layout::Mask(block_causal_mask(d, d, 0)),
-                },
-            },
-            Some(cache) => {
-                let past = cache.len();
-                let new_docs = match doc_ids {
-                    Some(d) => d.shallow_clone(),
-                    None => Tensor::zeros([b, t], (Kind::Int64, input_ids.device())),
-                };
-                let all_docs = match &cache.doc_ids {
-                    Some(prev) => Tensor::cat(&[prev, &new_docs], 1),
-                    None => new_docs.shallow_clone(),
-                };
-                let mask = block_causal_mask(&new_docs, &all_docs, past);
-                cache.doc_ids = Some(all_docs);
-                cache.layers.resize_with(self.layers.len(), || None);
-                Layout::Mask(mask)
-            }
-        };
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let h = layer.self_attn.forward(&layer.input_layernorm.forward(&x), &cos, &sin, &layout, slot);
+            let h = layer.self_attn.forward(&layer.input_layernorm.forward(&x), &cos, &sin, attend, slot);
             x = x + h;
             let h = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x));
             x = x + h;
@@ -284,7 +299,7 @@ impl Attention {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        layout: &Layout,
+        attend: &Attend,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Tensor {
         let (b, t, _) = x.size3().expect("x must be (B, T, C)");
@@ -309,10 +324,10 @@ impl Attention {
         let sdpa = |q: &Tensor, key: &Tensor, value: &Tensor, mask: Option<&Tensor>| {
             Tensor::scaled_dot_product_attention(q, key, value, mask, 0.0, mask.is_none(), scale, k != h)
         };
-        let y = match layout {
-            Layout::Causal => sdpa(&q, &key, &value, None), // (B, H, T, D)
-            Layout::Mask(mask) => sdpa(&q, &key, &value, Some(mask)),
-            Layout::Spans(rows) => {
+        let y = match attend {
+            Attend::Causal => sdpa(&q, &key, &value, None), // (B, H, T, D)
+            Attend::Mask(mask) => sdpa(&q, &key, &value, Some(mask)),
+            Attend::Spans(rows) => {
                 let rows: Vec<Tensor> = rows
                     .iter()
                     .enumerate()
@@ -342,7 +357,7 @@ impl Mlp {
 }
 
 /// Which keys each query may attend to, decided once per forward pass for every layer.
-enum Layout {
+pub enum Attend {
     /// One document per row: plain causal attention, which lets libtorch pick its fused kernels.
     Causal,
     /// Packed rows without a cache: each row's documents as (start, length) spans, each attended
@@ -354,25 +369,34 @@ enum Layout {
     Mask(Tensor),
 }
 
-/// The runs of equal document ids in each row of `doc_ids` (B, T), as (start, length); `None` when a
-/// document id comes back after another (not a packed row), where only a mask states the attention.
-fn document_spans(doc_ids: &Tensor) -> Option<Vec<Vec<(i64, i64)>>> {
-    let (b, t) = doc_ids.size2().expect("doc_ids must be (B, T)");
-    let ids = Vec::<i64>::try_from(doc_ids.to_device(Device::Cpu).reshape([-1])).expect("doc_ids are int64");
-    let mut rows = Vec::with_capacity(b as usize);
-    for row in ids.chunks(t.max(1) as usize) {
-        let mut spans: Vec<(i64, i64)> = vec![];
-        let mut seen = std::collections::HashSet::new();
-        for (j, &id) in row.iter().enumerate() {
-            match spans.last_mut() {
-                Some(last) if row[j - 1] == id => last.1 += 1,
-                _ if !seen.insert(id) => return None,
-                _ => spans.push((j as i64, 1)),
+impl Attend {
+    /// From the document id of every token of `rows` packed rows (row-major, on the host): the runs of
+    /// equal ids as spans; plain causal when every row is one document; a block-diagonal mask on
+    /// `device` when an id comes back after another (not a packed row).
+    pub fn packed(doc_ids: &[i64], rows: usize, device: Device) -> Attend {
+        let t = doc_ids.len() / rows.max(1);
+        let mut spans = Vec::with_capacity(rows);
+        for row in doc_ids.chunks(t.max(1)) {
+            let mut runs: Vec<(i64, i64)> = vec![];
+            let mut seen = std::collections::HashSet::new();
+            for (j, &id) in row.iter().enumerate() {
+                match runs.last_mut() {
+                    Some(last) if row[j - 1] == id => last.1 += 1,
+                    _ if seen.insert(id) => runs.push((j as i64, 1)),
+                    _ => {
+                        let d = Tensor::from_slice(doc_ids).reshape([rows as i64, t as i64]).to_device(device);
+                        return Attend::Mask(block_causal_mask(&d, &d, 0));
+                    }
+                }
             }
+            spans.push(runs);
         }
-        rows.push(spans);
+        if spans.iter().all(|r| r.len() <= 1) {
+            Attend::Causal
+        } else {
+            Attend::Spans(spans)
+        }
     }
-    Some(rows)
 }
 
 /// Boolean mask (B, 1, T, S): query i (at absolute slot `past + i`) may attend key j when both belong
@@ -408,5 +432,33 @@ fn checkpoint_order(name: &str) -> (u8, i64, String) {
         (2, 0, name.to_owned())
     } else {
         (3, 0, name.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spans(a: &Attend) -> Option<&[Vec<(i64, i64)>]> {
+        match a {
+            Attend::Spans(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn packed_rows_become_spans_single_documents_causal_and_repeats_a_mask() {
+        // Two rows of 6: documents 0 0 1 1 1 2 (2 is padding) and 5 5 5 5 5 5.
+        let a = Attend::packed(&[0, 0, 1, 1, 1, 2, 5, 5, 5, 5, 5, 5], 2, Device::Cpu);
+        assert_eq!(spans(&a).unwrap(), &[vec![(0, 2), (2, 3), (5, 1)], vec![(0, 6)]]);
+        assert!(matches!(Attend::packed(&[3, 3, 3, 7, 7, 7], 2, Device::Cpu), Attend::Causal));
+        // Document 0 comes back after document 1: only a mask says 0's tokens see each other.
+        match Attend::packed(&[0, 1, 0, 0], 1, Device::Cpu) {
+            Attend::Mask(m) => {
+                assert_eq!(m.size(), [1, 1, 4, 4]);
+                assert!(m.get(0).get(0).get(2).get(0).int64_value(&[]) == 1);
+            }
+            _ => panic!("expected a mask"),
+        }
     }
 }

@@ -10,7 +10,7 @@ use crate::dist::{self, Collective};
 use crate::error::{Error, Result};
 use crate::lora::{self, LoraConfig};
 use crate::metrics::{peak_rss_bytes, Logger};
-use crate::model::Llama;
+use crate::model::{Attend, Llama};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::plan::{self, Plan, RunConfig};
 use crate::{load_model, loss, parse_kind, weights};
@@ -39,7 +39,8 @@ pub struct Trainer {
 pub struct BatchTensors {
     pub ids: Tensor,
     pub positions: Tensor,
-    pub docs: Tensor,
+    /// The rows' documents, found from the host's ids.
+    pub attend: Attend,
     pub idx: Tensor,
     pub targets: Tensor,
     pub trained: usize,
@@ -58,7 +59,7 @@ pub fn to_tensors(b: &Batch, device: Device) -> BatchTensors {
     BatchTensors {
         ids: t(&b.ids),
         positions: t(&b.position_ids),
-        docs: t(&b.doc_ids),
+        attend: Attend::packed(&b.doc_ids, b.rows, device),
         idx: Tensor::from_slice(&idx).to_device(device),
         targets: Tensor::from_slice(&targets).to_device(device),
         trained: idx.len(),
@@ -96,7 +97,7 @@ impl Trainer {
     /// the whole optimizer step. Returns the (detached) sum of the micro-batch's token losses.
     pub fn micro_step(&self, b: &BatchTensors, denom: f64) -> Tensor {
         self.training.set(true);
-        let hidden = self.model.forward(&b.ids, &b.positions, Some(&b.docs), None);
+        let hidden = self.model.forward_packed(&b.ids, &b.positions, &b.attend);
         let sum = loss::masked_ce_sum(&self.model, &hidden, &b.idx, &b.targets);
         (&sum / denom).backward();
         self.training.set(false);

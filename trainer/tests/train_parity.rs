@@ -40,7 +40,7 @@ fn batch(vocab: i64) -> (Tensor, Tensor, BatchTensors) {
     let bt = BatchTensors {
         ids: input.shallow_clone(),
         positions: Tensor::arange(t, (Kind::Int64, Device::Cpu)).unsqueeze(0).repeat([b, 1]),
-        docs: Tensor::zeros([b, t], (Kind::Int64, Device::Cpu)),
+        attend: ferrotune_trainer::model::Attend::Causal,
         trained: idx.len(),
         idx: Tensor::from_slice(&idx),
         targets: Tensor::from_slice(&targets),
