@@ -1,6 +1,7 @@
 //! Metrics go through one small trait, so the training loop logs once and every sink (the terminal,
 //! a JSONL file, TensorBoard) receives the same numbers. Rank 0 logs; other ranks pass `Null`.
-//! Sinks never fail the run: a metrics write error is reported once and the run goes on.
+//! Sinks never fail the run: a metrics write error is reported once and the run goes on. Also the
+//! memory figures the loop logs (peak RSS on CPU, device memory in use on CUDA).
 
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -113,4 +114,41 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// The memory figure logged as `train/peak_mem_gb`: on CPU the process's peak resident memory (VmHWM);
+/// on CUDA the highest device memory in use (total - free, what nvidia-smi shows: the caching
+/// allocator's reserve included, other processes on the GPU too) seen at the samples taken so far, read
+/// through the CUDA driver. A device that cannot be queried reports nothing rather than host memory.
+pub struct PeakMemory {
+    cuda: Option<std::sync::Arc<cudarc::driver::CudaContext>>,
+    peak: u64,
+}
+
+impl PeakMemory {
+    pub fn new(device: tch::Device) -> Self {
+        let cuda = match device {
+            tch::Device::Cuda(ordinal) => match cudarc::driver::CudaContext::new(ordinal) {
+                Ok(ctx) => Some(ctx),
+                Err(e) => {
+                    tracing::warn!("cannot query cuda:{ordinal} memory ({e:?}); no memory figure will be logged");
+                    None
+                }
+            },
+            _ => None,
+        };
+        PeakMemory { cuda, peak: 0 }
+    }
+
+    /// Bytes (see the type), or `None` when unknown.
+    pub fn sample(&mut self) -> Option<u64> {
+        match &self.cuda {
+            Some(ctx) => {
+                let (free, total) = ctx.mem_get_info().ok()?;
+                self.peak = self.peak.max((total - free) as u64);
+                Some(self.peak)
+            }
+            None => peak_rss_bytes(),
+        }
+    }
 }

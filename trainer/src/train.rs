@@ -9,7 +9,7 @@ use crate::checkpoint::{self, TrainState};
 use crate::dist::{self, Collective};
 use crate::error::{Error, Result};
 use crate::lora::{self, LoraConfig};
-use crate::metrics::{peak_rss_bytes, Logger};
+use crate::metrics::{Logger, PeakMemory};
 use crate::model::{Attend, Llama};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::plan::{self, Plan, RunConfig};
@@ -314,6 +314,7 @@ pub fn train(cfg: RunConfig, opts: RunOptions, coll: &mut dyn Collective, logger
     } else {
         170e9
     };
+    let mut memory = PeakMemory::new(device);
     let mut final_val = None;
     let mut final_qa = None;
     let started_at = step;
@@ -366,18 +367,18 @@ pub fn train(cfg: RunConfig, opts: RunOptions, coll: &mut dyn Collective, logger
         if step.is_multiple_of(t.log_every) || step == plan.total_steps {
             let secs = window.0.elapsed().as_secs_f64();
             let per_rank = coll.all_gather_f64(window.1 as f64 / world as f64 / busy.max(1e-9))?;
-            let mem = peak_rss_bytes().unwrap_or(0) as f64;
+            let mem = memory.sample().map(|b| b as f64 / 1e9);
             let gn = grad_norm.double_value(&[]);
-            let vals = [
+            let mut vals = vec![
                 ("train/loss", loss),
                 ("train/lr", lr),
                 ("train/grad_norm", gn),
                 ("train/tokens_per_s", window.1 as f64 / secs),
                 ("train/trained_tokens_per_s", window.2 as f64 / secs),
                 ("train/mfu", window.3 / secs / (peak * world as f64)),
-                ("train/peak_mem_gb", mem / 1e9),
                 ("train/epoch", step as f64 / plan.steps_per_epoch as f64),
             ];
+            vals.extend(mem.map(|gb| ("train/peak_mem_gb", gb)));
             logger.scalars(step, &vals);
             if world > 1 && lead {
                 let named: Vec<(String, f64)> =
@@ -390,8 +391,9 @@ pub fn train(cfg: RunConfig, opts: RunOptions, coll: &mut dyn Collective, logger
             }
             if lead {
                 tracing::info!(
-                    "step {step}/{} | loss {loss:.4} | lr {lr:.2e} | grad {gn:.3} | {:.0} tok/s ({:.0} trained/s) | mfu {:.1}% | mem {:.2} GB",
-                    plan.total_steps, vals[3].1, vals[4].1, 100.0 * vals[5].1, mem / 1e9
+                    "step {step}/{} | loss {loss:.4} | lr {lr:.2e} | grad {gn:.3} | {:.0} tok/s ({:.0} trained/s) | mfu {:.1}% | mem {}",
+                    plan.total_steps, vals[3].1, vals[4].1, 100.0 * vals[5].1,
+                    mem.map_or("unknown".into(), |gb| format!("{gb:.2} GB"))
                 );
             }
             window = (Instant::now(), 0, 0, 0.0);

@@ -100,6 +100,11 @@ fn a_crash_after_the_last_checkpoint_leaves_no_repeated_steps() {
     assert_eq!(losses(&first.run_dir).len(), 13);
     let second = run(&c, true, None);
     assert_eq!(losses(&second.run_dir), losses(&straight.run_dir));
+    // On CPU the memory figure is this process's peak resident memory: libtorch alone takes > 100 MB.
+    let metrics = std::fs::read_to_string(second.run_dir.join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    let gb = last["train/peak_mem_gb"].as_f64().unwrap();
+    assert!(gb > 0.1 && gb < 24.0, "{gb}");
 }
 
 #[test]
