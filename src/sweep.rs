@@ -181,7 +181,8 @@ pub fn run(args: SweepArgs) -> Result<()> {
         let run_dir = p.dir.join("trials").join(&t.name);
         let state = match read_status(&run_dir) {
             Some(s) if s.status == "done" => "finished (skipped)".to_string(),
-            Some(s) => format!("{} (resumes)", s.status),
+            Some(s) if has_checkpoint(&run_dir) => format!("{}, resumes from its checkpoint", s.status),
+            Some(s) => format!("{}, starts again (no checkpoint)", s.status),
             None => "new".into(),
         };
         let diff: Vec<String> = t.values.iter().map(|(k, v)| format!("{k}={v}")).collect();

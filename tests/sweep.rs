@@ -169,6 +169,15 @@ fn an_interrupted_sweep_finishes_only_what_was_left() {
     std::thread::sleep(Duration::from_millis(300)); // the trial's worker dies with the sweep
     let first = std::fs::read(trials.join("00-lr=0.001/metrics.jsonl")).unwrap();
     assert!(!trials.join("02-lr=0.0002").exists());
+    let o = ferrotune(tmp.path()).arg("sweep").arg(&sweep).arg("--dry-run").output().unwrap();
+    let listed = text(&o);
+    for (trial, state) in [
+        ("00-lr=0.001", "[finished (skipped)]"),
+        ("01-lr=0.0005", "[running, resumes from its checkpoint]"),
+        ("02-lr=0.0002", "[new]"),
+    ] {
+        assert!(listed.lines().any(|l| l.contains(trial) && l.ends_with(state)), "{trial} {state}: {listed}");
+    }
 
     let o = ferrotune(tmp.path()).arg("sweep").arg(&sweep).output().unwrap();
     let out = text(&o);
@@ -183,6 +192,13 @@ fn an_interrupted_sweep_finishes_only_what_was_left() {
     let status: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(trials.join("01-lr=0.0005/trial.json")).unwrap()).unwrap();
     assert_eq!(status["attempts"], 2);
+    // The killed attempt's steps after its checkpoint were dropped on resume: each step once, in order.
+    let steps: Vec<u64> = std::fs::read_to_string(trials.join("01-lr=0.0005/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=40).collect::<Vec<_>>());
 }
 
 #[test]

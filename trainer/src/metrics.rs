@@ -15,9 +15,10 @@ pub trait Logger {
     fn text(&mut self, _tag: &str, _text: &str) {}
     /// Hyperparameters of the run and its final metrics (TensorBoard's HParams dashboard).
     fn hparams(&mut self, _hparams: &BTreeMap<String, Value>, _metrics: &[(&str, f64)]) {}
-    /// The run resumed from the checkpoint of `step`: whatever an earlier attempt logged after that step
-    /// is about to be logged again and must not be shown twice.
-    fn resumed(&mut self, _step: u64) {}
+    /// The run starts after `step` completed steps (its checkpoint's step, or 0 for a fresh start):
+    /// whatever an earlier attempt logged for later steps is stale, about to be logged again, and must
+    /// not be shown twice.
+    fn starts_after(&mut self, _step: u64) {}
     fn flush(&mut self) {}
 }
 
@@ -77,7 +78,7 @@ impl Logger for Jsonl {
         }
     }
 
-    fn resumed(&mut self, step: u64) {
+    fn starts_after(&mut self, step: u64) {
         if let Err(e) = self.truncate_after(step) {
             tracing::warn!(
                 "cannot drop the steps after {step} from {} ({e}); they will appear twice",
@@ -100,8 +101,8 @@ impl Logger for FanOut {
     fn hparams(&mut self, h: &BTreeMap<String, Value>, m: &[(&str, f64)]) {
         self.0.iter_mut().for_each(|l| l.hparams(h, m));
     }
-    fn resumed(&mut self, step: u64) {
-        self.0.iter_mut().for_each(|l| l.resumed(step));
+    fn starts_after(&mut self, step: u64) {
+        self.0.iter_mut().for_each(|l| l.starts_after(step));
     }
     fn flush(&mut self) {
         self.0.iter_mut().for_each(|l| l.flush());

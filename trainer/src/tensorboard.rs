@@ -241,7 +241,7 @@ impl TensorBoard {
 impl Logger for TensorBoard {
     /// A SessionLog START at `step + 1`: TensorBoard drops what an earlier attempt logged after `step`
     /// (EventAccumulator's purge of orphaned data), so a restarted run's curve is shown once.
-    fn resumed(&mut self, step: u64) {
+    fn starts_after(&mut self, step: u64) {
         self.write(&Event {
             wall_time: now(),
             step: step as i64 + 1,

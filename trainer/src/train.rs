@@ -281,6 +281,9 @@ pub fn train(cfg: RunConfig, opts: RunOptions, coll: &mut dyn Collective, logger
             plan.schedule.warmup_steps,
         );
     }
+    // What an earlier attempt logged after this run's starting point (its checkpoint, or step 0 for a
+    // fresh start in a run directory left by a crash before the first checkpoint) is dropped.
+    logger.starts_after(existing.as_ref().map_or(0, |(s, _)| *s));
     logger.text("config", &format!("```toml\n{}```", cfg.to_toml()));
 
     let t = &cfg.train;
@@ -301,7 +304,6 @@ pub fn train(cfg: RunConfig, opts: RunOptions, coll: &mut dyn Collective, logger
         loader.restore(state.loader);
         step = s;
         last_loss = state.last_loss;
-        logger.resumed(s);
         tracing::info!("resumed from {} (step {s}, loss {last_loss:.4})", dir.display());
     }
 

@@ -86,7 +86,8 @@ fn check_resume(lora: bool, dtype: &str) {
 
 /// A run that dies at step 13 with its last checkpoint at step 10 (simulated by deleting the checkpoint
 /// `--stop-after-steps` wrote at 13) logs steps 11-13 twice; on resume metrics.jsonl drops the first
-/// copies, so the file equals an uninterrupted run's line for line.
+/// copies, so the file equals an uninterrupted run's line for line. Likewise for a run that dies before
+/// its first checkpoint and starts again.
 #[test]
 fn a_crash_after_the_last_checkpoint_leaves_no_repeated_steps() {
     let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
@@ -105,6 +106,14 @@ fn a_crash_after_the_last_checkpoint_leaves_no_repeated_steps() {
     let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
     let gb = last["train/peak_mem_gb"].as_f64().unwrap();
     assert!(gb > 0.1 && gb < 24.0, "{gb}");
+
+    // Dead before its first checkpoint: the fresh start that follows drops the 5 stale steps.
+    c.output.run_name = "early".into();
+    let first = run(&c, false, Some(5));
+    std::fs::remove_dir_all(first.run_dir.join("checkpoints")).unwrap();
+    assert_eq!(losses(&first.run_dir).len(), 5);
+    let again = run(&c, false, None);
+    assert_eq!(losses(&again.run_dir), losses(&straight.run_dir));
 }
 
 #[test]

@@ -85,8 +85,8 @@ fn a_resumed_run_shows_each_step_once() {
         let mut tb = TensorBoard::create(&tb_dir).unwrap();
         let mut js = Jsonl::open(&jsonl).unwrap();
         if let Some(s) = resumed {
-            tb.resumed(s);
-            js.resumed(s);
+            tb.starts_after(s);
+            js.starts_after(s);
         }
         for step in from..=to {
             tb.scalars(step, &[("train/loss", scale * step as f64)]);
