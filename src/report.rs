@@ -4,7 +4,7 @@
 //! training-loss curve of every trial and EM/F1 (or best validation loss) per trial, drawn with
 //! plotters from the logged values (`metrics.jsonl`). Not here: running trials (`sweep.rs`).
 
-use crate::sweep::{read_status, SweepIndex};
+use crate::sweep::{read_status, short_label, SweepIndex};
 use anyhow::{Context, Result};
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
@@ -30,11 +30,7 @@ pub struct TrialRow {
 impl TrialRow {
     /// The swept values, as a legend label.
     pub fn label(&self, keys: &[String]) -> String {
-        keys.iter()
-            .zip(&self.values)
-            .map(|(k, v)| format!("{}={v}", k.rsplit('.').next().unwrap_or(k)))
-            .collect::<Vec<_>>()
-            .join(" ")
+        keys.iter().zip(&self.values).map(|(k, v)| short_label(k, v)).collect::<Vec<_>>().join(" ")
     }
 }
 
@@ -68,14 +64,13 @@ pub fn collect(dir: &Path) -> Result<(SweepIndex, Vec<TrialRow>)> {
             tracing::warn!("trial {}: no metrics in {}", t.name, metrics_path.display());
         }
         let (mut tps, mut tps_n) = (0.0, 0);
+        // By step: a restart drops the steps logged after its checkpoint; should any remain (a failed
+        // rewrite, or a file from before that), the latest value wins.
+        let mut loss = std::collections::BTreeMap::new();
         for line in metrics.lines() {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
-            let step = v["step"].as_f64().unwrap_or(0.0);
             if let Some(l) = v["train/loss"].as_f64() {
-                // A resume drops the steps logged after the checkpoint; should any remain (a failed
-                // rewrite), keep the latest value.
-                row.loss.retain(|&(s, _)| s != step);
-                row.loss.push((step, l));
+                loss.insert(v["step"].as_u64().unwrap_or(0), l);
             }
             if let Some(l) = v["eval/loss"].as_f64() {
                 row.best_val_loss = Some(row.best_val_loss.map_or(l, |b: f64| b.min(l)));
@@ -87,7 +82,7 @@ pub fn collect(dir: &Path) -> Result<(SweepIndex, Vec<TrialRow>)> {
                 tps_n += 1;
             }
         }
-        row.loss.sort_by(|a, b| a.0.total_cmp(&b.0));
+        row.loss = loss.into_iter().map(|(s, l)| (s as f64, l)).collect();
         row.final_loss = row.loss.last().map(|&(_, l)| l);
         row.tokens_per_s = (tps_n > 0).then(|| tps / tps_n as f64);
         if let Ok(cache) = ferrotune_data::cache::TokenCache::open(&run.join("cache/train.ftcache")) {

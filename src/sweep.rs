@@ -86,6 +86,11 @@ fn value_text(v: &toml::Value) -> Result<String> {
     })
 }
 
+/// `strategy=last` for `data.strategy` = "last": a swept value as trial names and legends show it.
+pub fn short_label(key: &str, value: &str) -> String {
+    format!("{}={value}", key.rsplit('.').next().unwrap_or(key))
+}
+
 /// The cartesian product of the grid, first key varying slowest.
 pub fn trials(grid: &toml::Table) -> Result<Vec<Trial>> {
     let mut combos: Vec<Vec<(String, String)>> = vec![vec![]];
@@ -111,8 +116,7 @@ pub fn trials(grid: &toml::Table) -> Result<Vec<Trial>> {
         .into_iter()
         .enumerate()
         .map(|(i, values)| {
-            let label: Vec<String> =
-                values.iter().map(|(k, v)| format!("{}={v}", k.rsplit('.').next().unwrap_or(k))).collect();
+            let label: Vec<String> = values.iter().map(|(k, v)| short_label(k, v)).collect();
             let safe: String = label
                 .join(",")
                 .chars()
