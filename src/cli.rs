@@ -272,8 +272,8 @@ pub struct SweepArgs {
     /// Run this many trials at a time, each with its share of the GPUs (or of the CPU cores).
     #[arg(long, default_value_t = 1, value_name = "K")]
     pub parallel: usize,
-    /// List the trials and what each changes, and whether it is new, finished or to be resumed; run
-    /// nothing.
+    /// List the trials and what each changes, and whether it is new, finished, resumes from its
+    /// checkpoint or starts again; run nothing.
     #[arg(long)]
     pub dry_run: bool,
     /// Override a config key in every trial (after the sweep file's `set`, before the grid's values).
