@@ -95,25 +95,22 @@ fn a_crash_after_the_last_checkpoint_leaves_no_repeated_steps() {
     let mut c = config(tmp.path(), "straight", true, "fp32");
     c.train.n_checkpoints = 2; // steps 10 and 20
     let straight = run(&c, false, None);
-    c.output.run_name = "crashed".into();
-    let first = run(&c, false, Some(13));
-    std::fs::remove_dir_all(first.run_dir.join("checkpoints/step-13")).unwrap();
-    assert_eq!(losses(&first.run_dir).len(), 13);
-    let second = run(&c, true, None);
-    assert_eq!(losses(&second.run_dir), losses(&straight.run_dir));
+    // (run, the step it dies at, the checkpoints lost with it, whether it restarts with --resume)
+    for (name, dies_at, lost, resume) in
+        [("crashed", 13, "checkpoints/step-13", true), ("early", 5, "checkpoints", false)]
+    {
+        c.output.run_name = name.into();
+        let first = run(&c, false, Some(dies_at));
+        std::fs::remove_dir_all(first.run_dir.join(lost)).unwrap();
+        assert_eq!(losses(&first.run_dir).len(), dies_at as usize);
+        let again = run(&c, resume, None);
+        assert_eq!(losses(&again.run_dir), losses(&straight.run_dir), "{name}");
+    }
     // On CPU the memory figure is this process's peak resident memory: libtorch alone takes > 100 MB.
-    let metrics = std::fs::read_to_string(second.run_dir.join("metrics.jsonl")).unwrap();
+    let metrics = std::fs::read_to_string(straight.run_dir.join("metrics.jsonl")).unwrap();
     let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
     let gb = last["train/peak_mem_gb"].as_f64().unwrap();
     assert!(gb > 0.1 && gb < 24.0, "{gb}");
-
-    // Dead before its first checkpoint: the fresh start that follows drops the 5 stale steps.
-    c.output.run_name = "early".into();
-    let first = run(&c, false, Some(5));
-    std::fs::remove_dir_all(first.run_dir.join("checkpoints")).unwrap();
-    assert_eq!(losses(&first.run_dir).len(), 5);
-    let again = run(&c, false, None);
-    assert_eq!(losses(&again.run_dir), losses(&straight.run_dir));
 }
 
 #[test]
