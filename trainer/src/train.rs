@@ -329,7 +329,9 @@ pub fn train(cfg: RunConfig, opts: RunOptions, coll: &mut dyn Collective, logger
             (0..plan.grad_accum).map(|_| to_tensors(&loader.next_batch(), device)).collect();
         // The loss of the step is divided by its trained tokens over all ranks and micro-batches.
         let mut trained = [batches.iter().map(|b| b.trained).sum::<usize>() as f64];
+        let waited = Instant::now(); // here the other ranks wait out rank 0's evaluations and checkpoints
         coll.all_reduce_f64(&mut trained)?;
+        let waited = waited.elapsed();
         let trained = trained[0] as usize;
         let denom = trained.max(1) as f64;
         let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
@@ -341,7 +343,7 @@ pub fn train(cfg: RunConfig, opts: RunOptions, coll: &mut dyn Collective, logger
             tch::manual_seed((t.seed ^ key) as i64);
             loss_sum += trainer.micro_step(b, denom);
         }
-        busy += step_start.elapsed().as_secs_f64();
+        busy += (step_start.elapsed() - waited).as_secs_f64();
         // Gradients are summed over ranks once per step, after the last micro-batch.
         dist::all_reduce_grads(coll, &params)?;
         // One host sync per step: the loss is checked before the update touches the weights.
@@ -401,6 +403,8 @@ pub fn train(cfg: RunConfig, opts: RunOptions, coll: &mut dyn Collective, logger
             window = (Instant::now(), 0, 0, 0.0);
             busy = 0.0;
         }
+        // Evaluations and checkpoints are not training: the throughput window skips their time.
+        let pause = Instant::now();
         if lead && (plan.eval_steps.contains(&step) || (step == plan.total_steps && cfg.eval.coqa)) {
             if let Some(vc) = &val_cache {
                 let (v, _) = crate::eval::mean_loss(&trainer.model, vc, t.micro_batch_size);
@@ -437,6 +441,7 @@ pub fn train(cfg: RunConfig, opts: RunOptions, coll: &mut dyn Collective, logger
             })?;
             tracing::info!("checkpoint {}", dir.display());
         }
+        window.0 += pause.elapsed();
         logger.flush();
         if stopping && step < plan.total_steps {
             return Ok(Outcome {

@@ -170,3 +170,26 @@ fn non_finite_loss_stops_before_the_update_and_keeps_the_last_checkpoint() {
     assert!(msg.contains(&format!("step {step}")), "{msg}");
     assert!(dir.join("trainable.safetensors").exists() && dir.join(checkpoint::DONE).exists());
 }
+
+/// tokens/s measures training alone: an evaluation (here 600 validation conversations, about a second
+/// against steps of milliseconds) must not drag down the throughput logged for the step after it.
+#[test]
+fn throughput_leaves_out_evaluations() {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = config(tmp.path(), "evals", true, "fp32");
+    let val = tmp.path().join("validation.jsonl");
+    std::fs::write(&val, std::fs::read_to_string(&c.data.train).unwrap().repeat(25)).unwrap();
+    c.data.validation = val;
+    c.eval.n_evals = 2; // after steps 10 and 20
+    let out = run(&c, false, None);
+    let metrics = std::fs::read_to_string(out.run_dir.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.iter().filter(|v| v.get("eval/loss").is_some()).count(), 2);
+    let tps: Vec<f64> = lines.iter().filter_map(|v| v["train/tokens_per_s"].as_f64()).collect();
+    let mut sorted = tps.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    println!("tokens/s: median {median:.0}, step 11 (after the evaluation) {:.0}", tps[10]);
+    assert!(tps[10] > 0.3 * median, "step 11 logged {} tokens/s against a median of {median}", tps[10]);
+}
