@@ -343,6 +343,11 @@ pub fn train(cfg: RunConfig, opts: RunOptions, coll: &mut dyn Collective, logger
             tch::manual_seed((t.seed ^ key) as i64);
             loss_sum += trainer.micro_step(b, denom);
         }
+        if let (Device::Cuda(ordinal), true) = (device, world > 1) {
+            // Kernels run asynchronously: without waiting for them, the per-rank time would be launch
+            // time and a slow GPU would not show. The step's loss read below waits for them anyway.
+            tch::Cuda::synchronize(ordinal as i64);
+        }
         busy += (step_start.elapsed() - waited).as_secs_f64();
         // Gradients are summed over ranks once per step, after the last micro-batch.
         dist::all_reduce_grads(coll, &params)?;
