@@ -14,7 +14,9 @@ ORACLE_ADAPTER=DIR puts a peft adapter on the model for `forward`.
       One optimizer step as a transformers (+ peft, with ADAPTER_DIR) user takes it: mean loss over
       IN's labels (unshifted), backward, clip_grad_norm_, torch.optim.AdamW (single-tensor path, no
       weight decay on 1-D parameters). OUT gets loss, grad_norm and param.NAME for every trainable
-      parameter after the step (peft names without the adapter name).
+      parameter after the step (peft names without the adapter name). With ORACLE_DROPOUT_KEY=K the
+      model trains in train mode and each LoRA dropout module, in module order, first reseeds torch's
+      generator with mask_seed(K, its index): ferrotune's adapters draw their masks the same way.
   oracle.py squad PAIRS.json OUT.json
       EM and F1 of each [prediction, gold] pair by SQuAD v1.1's official evaluate-v1.1.py functions
       (normalize_answer, exact_match_score, f1_score), transcribed below verbatim.
@@ -75,6 +77,22 @@ def generate(model_dir, prompts_path, out, max_new_tokens):
     json.dump(outputs, open(out, "w"))
 
 
+def mask_seed(key, index):
+    """ferrotune's lora::mask_seed, transcribed: splitmix64 of (key, index), 63 bits."""
+    m = (1 << 64) - 1
+    z = key ^ (((index + 1) * 0x9E3779B97F4A7C15) & m)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return (z ^ (z >> 31)) >> 1
+
+
+def seed_lora_dropout(model, key):
+    drops = [m for n, m in model.named_modules() if n.endswith("lora_dropout.default")]
+    for i, m in enumerate(drops):
+        m.register_forward_pre_hook(lambda _m, _a, i=i: torch.manual_seed(mask_seed(key, i)) and None)
+    model.train()
+
+
 def train_step(model_dir, inp, out, lr, wd, clip, adapter=None):
     t = load_file(inp)
     model = load(model_dir)
@@ -82,6 +100,8 @@ def train_step(model_dir, inp, out, lr, wd, clip, adapter=None):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        if os.environ.get("ORACLE_DROPOUT_KEY"):
+            seed_lora_dropout(model, int(os.environ["ORACLE_DROPOUT_KEY"]))
     else:
         for p in model.parameters():
             p.requires_grad_(True)

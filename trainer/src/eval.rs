@@ -4,7 +4,7 @@
 //! scored. Also the masked mean loss over a token cache (validation during training, `eval --metric loss`).
 
 use crate::model::Llama;
-use crate::train::to_tensors;
+use crate::batch::to_tensors;
 use crate::{generate, loss};
 use ferrotune_data::cache::TokenCache;
 use ferrotune_data::encode::Encoder;

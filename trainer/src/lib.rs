@@ -2,14 +2,18 @@
 //! generation. It does not read conversation data (that is `ferrotune-data`) or spawn processes (that is
 //! `ferrotune-launcher`).
 
+pub mod batch;
 pub mod checkpoint;
 pub mod config;
 pub mod dist;
 pub mod error;
 pub mod eval;
+pub mod layerwise;
+pub mod learner;
 pub mod generate;
 pub mod lora;
 pub mod loss;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod optim;

@@ -1,8 +1,10 @@
 //! LoRA adapters on linear layers, compatible with peft: `delta(x) = dropout(x) A^T B^T * alpha / r`
 //! with A (r, in) initialised like peft (Kaiming-uniform, a = sqrt(5)) and B (out, r) zero, so step 0
 //! equals the base model. Adapter tensors are named as in peft's `adapter_model.safetensors`
-//! (`base_model.model.<module>.lora_A.weight`). Dropout is active only while training. This module
-//! does not freeze the base model or save files; the trainer and `export` do.
+//! (`base_model.model.<module>.lora_A.weight`). Dropout is active only while training, and each adapter
+//! draws its mask from a generator seeded by (the trainer's key, its own index), so a mask does not
+//! depend on what ran before it: recomputing a layer (activation checkpointing) replays it exactly.
+//! This module does not freeze the base model or save files; the trainer and `export` do.
 
 use crate::model::Llama;
 use serde::{Deserialize, Serialize};
@@ -47,20 +49,44 @@ impl LoraConfig {
     }
 }
 
+/// Shared by the adapters of one model and the trainer: whether dropout is active, and the key
+/// (a function of seed, step and micro-batch, set by the trainer) that every dropout mask derives from.
+#[derive(Default)]
+pub struct Dropout {
+    pub training: Cell<bool>,
+    pub key: Cell<u64>,
+}
+
+/// The generator seed of adapter `index` under `key` (splitmix64 of both; 63 bits, so the same value
+/// reaches `torch.manual_seed` in tests/oracle.py, which transcribes this function).
+pub fn mask_seed(key: u64, index: u64) -> i64 {
+    let mut z = key ^ (index + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 1) as i64
+}
+
 pub struct LoraLinear {
     pub a: Tensor, // (r, in)
     pub b: Tensor, // (out, r)
     pub scale: f64,
     pub dropout: f64,
-    /// Shared with the model: dropout applies only while training.
-    pub training: Rc<Cell<bool>>,
+    /// Position of this adapter in module order (its mask's seed derives from it).
+    pub index: u64,
+    /// Shared with the trainer: dropout applies only while training.
+    pub ctl: Rc<Dropout>,
 }
 
 impl LoraLinear {
     /// x (..., in) -> (..., out)
     pub fn delta(&self, x: &Tensor) -> Tensor {
-        let x =
-            if self.training.get() && self.dropout > 0.0 { x.dropout(self.dropout, true) } else { x.shallow_clone() };
+        let x = if self.ctl.training.get() && self.dropout > 0.0 {
+            // Reseeding the process's generator makes the mask a function of (key, index) alone.
+            tch::manual_seed(mask_seed(self.ctl.key.get(), self.index));
+            x.dropout(self.dropout, true)
+        } else {
+            x.shallow_clone()
+        };
         x.linear::<Tensor>(&self.a, None).linear::<Tensor>(&self.b, None) * self.scale
     }
 }
@@ -68,7 +94,7 @@ impl LoraLinear {
 /// Attaches fresh adapters to the targeted layers of `model` (in the model's dtype, requiring
 /// gradients) and returns them with their peft names, in module order. Draws A from libtorch's
 /// generator: seed it first for reproducible adapters.
-pub fn attach(model: &mut Llama, cfg: &LoraConfig, training: Rc<Cell<bool>>) -> Result<Vec<(String, Tensor)>, String> {
+pub fn attach(model: &mut Llama, cfg: &LoraConfig, ctl: Rc<Dropout>) -> Result<Vec<(String, Tensor)>, String> {
     let targets = cfg.targets()?;
     let (kind, device) = (model.kind(), model.device());
     let mut named = vec![];
@@ -90,7 +116,8 @@ pub fn attach(model: &mut Llama, cfg: &LoraConfig, training: Rc<Cell<bool>>) -> 
             b,
             scale: cfg.alpha / cfg.r as f64,
             dropout: cfg.dropout,
-            training: training.clone(),
+            index: (named.len() / 2 - 1) as u64,
+            ctl: ctl.clone(),
         });
     }
     Ok(named)
@@ -163,7 +190,7 @@ pub fn read_adapter_config(dir: &std::path::Path) -> Result<LoraConfig, String> 
 /// Attaches the adapter saved in `dir` (peft layout) to `model`, for inference or further training.
 pub fn load_adapter(model: &mut Llama, dir: &std::path::Path) -> Result<(LoraConfig, Vec<(String, Tensor)>), String> {
     let cfg = read_adapter_config(dir)?;
-    let named = attach(model, &cfg, Rc::new(Cell::new(false)))?;
+    let named = attach(model, &cfg, Rc::new(Dropout::default()))?;
     crate::checkpoint::load_named(&dir.join("adapter_model.safetensors"), &named).map_err(|e| e.to_string())?;
     Ok((cfg, named))
 }

@@ -110,6 +110,12 @@ impl Logger for FanOut {
 }
 
 /// Peak resident memory of this process in bytes (Linux VmHWM), for CPU runs.
+/// Starts the peak resident memory (VmHWM) over from the current resident memory (Linux: "5" to
+/// /proc/self/clear_refs); elsewhere, or when refused, the peak keeps counting from the start.
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;

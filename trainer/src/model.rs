@@ -273,22 +273,52 @@ impl Llama {
         attend: &Attend,
         mut cache: Option<&mut KvCache>,
     ) -> Tensor {
-        let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false); // (B, T, C)
-        let (cos, sin) = rope::cos_sin(&self.inv_freq, position_ids, self.kind); // (B, T, D)
+        let mut x = self.embed(input_ids);
+        let (cos, sin) = self.rotary(position_ids);
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let h = layer.self_attn.forward(&layer.input_layernorm.forward(&x), &cos, &sin, attend, slot);
-            x = x + h;
-            let h = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x));
-            x = x + h;
+            x = layer.forward(&x, &cos, &sin, attend, slot);
         }
         self.norm.forward(&x)
+    }
+
+    /// The first stage: token embeddings (B, T, C) of `input_ids` (B, T).
+    pub fn embed(&self, input_ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false)
+    }
+
+    /// Rotary tables (cos, sin), each (B, T, D), for `position_ids` (B, T); every layer of a forward
+    /// pass uses the same ones. They depend on no parameter.
+    pub fn rotary(&self, position_ids: &Tensor) -> (Tensor, Tensor) {
+        rope::cos_sin(&self.inv_freq, position_ids, self.kind)
+    }
+
+    /// Decoder layer `i` on its own (a stage of the layer-wise training step): x (B, T, C) -> (B, T, C),
+    /// with the tables of [`Llama::rotary`].
+    pub fn layer(&self, i: usize, x: &Tensor, rope: &(Tensor, Tensor), attend: &Attend) -> Tensor {
+        self.layers[i].forward(x, &rope.0, &rope.1, attend, None)
     }
 
     /// Projects hidden states (..., C) through `lm_head` to logits (..., V). Callers pass only the
     /// positions they need (the trained ones, or the last one when generating).
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
         hidden.linear::<Tensor>(&self.lm_head, None)
+    }
+}
+
+impl DecoderLayer {
+    /// x (B, T, C) -> (B, T, C): pre-norm attention and MLP, each added to the residual stream.
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        attend: &Attend,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Tensor {
+        let x = x + self.self_attn.forward(&self.input_layernorm.forward(x), cos, sin, attend, cache);
+        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x));
+        x + h
     }
 }
 

@@ -5,6 +5,7 @@
 //! fails with the arithmetic in the message. Nothing here touches a model or a file of data.
 
 use crate::error::{Error, Result};
+use crate::layerwise::Checkpointing;
 use crate::lora::LoraConfig;
 use crate::schedule::{Schedule, Scheduler};
 use ferrotune_data::mask::{MaskOptions, Strategy};
@@ -86,6 +87,14 @@ pub struct TrainSection {
     pub log_every: u64,
     /// Peak FLOP/s the MFU is measured against (0: 170e9 fp32 / 740e9 bf16 on CPU, 989e12 on CUDA).
     pub peak_flops: f64,
+    /// What backward keeps of each decoder layer: none (its whole graph), full (only its input; the
+    /// layer runs again in backward, about a third more compute), or auto (full on CUDA, none on CPU).
+    pub activation_checkpointing: String,
+    /// Most trained positions projected through lm_head at once (0: fp32 logits near 256 MiB a chunk).
+    pub loss_chunk_tokens: usize,
+    /// Size of the fp32 gradient buckets summed over ranks while backward runs, in MiB (as DDP's
+    /// bucket_cap_mb): smaller buckets start communicating sooner, larger ones send fewer messages.
+    pub bucket_mb: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -158,6 +167,9 @@ impl Default for TrainSection {
             n_checkpoints: 1,
             log_every: 1,
             peak_flops: 0.0,
+            activation_checkpointing: "auto".into(),
+            loss_chunk_tokens: 0,
+            bucket_mb: 25.0,
         }
     }
 }
@@ -244,6 +256,22 @@ pub struct Plan {
     pub schedule: Schedule,
     pub checkpoint_steps: Vec<u64>,
     pub eval_steps: Vec<u64>,
+    /// `train.activation_checkpointing` with `auto` resolved for the device.
+    pub checkpointing: Checkpointing,
+}
+
+/// `train.activation_checkpointing` for a run on `device` (cpu, cuda, cuda:N): auto is full on CUDA,
+/// where activations are what does not fit, and none on CPU, where memory is plentiful and time is not.
+pub fn checkpointing_for(value: &str, device: &str) -> Result<Checkpointing> {
+    match value {
+        "auto" if device.starts_with("cuda") => Ok(Checkpointing::Full),
+        "auto" => Ok(Checkpointing::None),
+        v => Checkpointing::parse(v).ok_or_else(|| Error::Config {
+            path: PathBuf::new(),
+            key: "train.activation_checkpointing".into(),
+            msg: format!("`{v}` is not none, full or auto"),
+        }),
+    }
 }
 
 /// The masking options and overlong policy a config asks for.
@@ -301,6 +329,9 @@ pub fn resolve(config: RunConfig, rows: usize, world_size: usize) -> Result<Plan
             ),
         ));
     }
+    if !(t.bucket_mb > 0.0) {
+        return Err(bad("train.bucket_mb", format!("{} must be positive", t.bucket_mb)));
+    }
     if t.log_every == 0 {
         return Err(bad("train.log_every", "must be at least 1".into()));
     }
@@ -342,6 +373,7 @@ pub fn resolve(config: RunConfig, rows: usize, world_size: usize) -> Result<Plan
         checkpoint_steps.push(total_steps);
     }
     let eval_steps = evenly_spaced(total_steps, config.eval.n_evals);
+    let checkpointing = checkpointing_for(&t.activation_checkpointing, &config.model.device)?;
     let run_dir = config.output.dir.join(&config.output.run_name);
     Ok(Plan {
         run_dir,
@@ -358,6 +390,7 @@ pub fn resolve(config: RunConfig, rows: usize, world_size: usize) -> Result<Plan
         schedule,
         checkpoint_steps,
         eval_steps,
+        checkpointing,
         config,
     })
 }
@@ -397,6 +430,11 @@ mod tests {
             "{err}"
         );
         assert_eq!(evenly_spaced(10, 3), vec![4, 7, 10]);
+        assert_eq!(checkpointing_for("auto", "cuda:1").unwrap(), Checkpointing::Full);
+        assert_eq!(checkpointing_for("auto", "cpu").unwrap(), Checkpointing::None);
+        assert_eq!(checkpointing_for("full", "cpu").unwrap(), Checkpointing::Full);
+        let err = checkpointing_for("some", "cpu").unwrap_err().to_string();
+        assert!(err.contains("train.activation_checkpointing") && err.contains("`some`"), "{err}");
     }
 
     #[test]

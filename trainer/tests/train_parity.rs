@@ -3,14 +3,18 @@
 //! step, for full fine-tuning and for LoRA (adapters exported in peft's layout and loaded by peft, which
 //! also proves the export format). Tiny model, fp32; LoRA dropout 0 so both sides are deterministic.
 //! Tolerance: 1e-6 absolute on parameters that move by about lr = 1e-3 (both sides run the same
-//! libtorch kernels; observed differences are printed).
+//! libtorch kernels; observed differences are printed). The layer-wise step (with and without
+//! activation checkpointing) is held to the same numbers, with LoRA dropout 0.1 replayed on peft's side
+//! (the oracle reseeds each dropout module as ferrotune's adapters do).
 
 mod common;
 
 use common::*;
 use ferrotune_trainer::lora::LoraConfig;
 use ferrotune_trainer::optim::AdamWConfig;
-use ferrotune_trainer::train::{BatchTensors, Trainer};
+use ferrotune_trainer::batch::BatchTensors;
+use ferrotune_trainer::layerwise::{Checkpointing, StepOptions};
+use ferrotune_trainer::learner::Trainer;
 use tch::{Device, Kind, Tensor};
 
 const LR: f64 = 1e-3;
@@ -49,7 +53,18 @@ fn batch(vocab: i64) -> (Tensor, Tensor, BatchTensors) {
 }
 
 fn step_and_compare(trainer: &mut Trainer, hf: &std::collections::HashMap<String, Tensor>, bt: &BatchTensors) {
-    let sum = trainer.micro_step(bt, bt.trained as f64);
+    compare_step(trainer, hf, bt, &|t: &Trainer, b: &BatchTensors| t.micro_step(b, b.trained as f64));
+}
+
+type MicroStep<'a> = dyn Fn(&Trainer, &BatchTensors) -> Tensor + 'a;
+
+fn compare_step(
+    trainer: &mut Trainer,
+    hf: &std::collections::HashMap<String, Tensor>,
+    bt: &BatchTensors,
+    micro_step: &MicroStep<'_>,
+) {
+    let sum = micro_step(trainer, bt);
     let loss = sum.double_value(&[]) / bt.trained as f64;
     let norm = trainer.opt.clip_grad_norm(CLIP).double_value(&[]);
     trainer.opt.step(LR);
@@ -74,6 +89,7 @@ fn hf_step(
     input: &Tensor,
     labels: &Tensor,
     adapter: Option<&std::path::Path>,
+    dropout_key: Option<u64>,
 ) -> std::collections::HashMap<String, Tensor> {
     let tmp = tempfile::tempdir().unwrap();
     let (inp, out) = (tmp.path().join("in.safetensors"), tmp.path().join("out.safetensors"));
@@ -84,7 +100,9 @@ fn hf_step(
     if let Some(a) = adapter {
         args.push(a.to_str().unwrap());
     }
-    oracle(&args);
+    let key = dropout_key.map(|k| k.to_string());
+    let env: Vec<(&str, &str)> = key.iter().map(|k| ("ORACLE_DROPOUT_KEY", k.as_str())).collect();
+    oracle_with(&args, "float32", &env);
     Tensor::read_safetensors(&out).unwrap().into_iter().collect()
 }
 
@@ -97,7 +115,7 @@ fn full_fine_tuning_step_equals_transformers() {
     let dir = fixture("tiny-llama-bias");
     let mut trainer = Trainer::new(&dir, Kind::Float, Device::Cpu, None, adamw(), 0).unwrap();
     let (input, labels, bt) = batch(trainer.model.config.vocab_size);
-    let hf = hf_step(&dir, &input, &labels, None);
+    let hf = hf_step(&dir, &input, &labels, None, None);
     step_and_compare(&mut trainer, &hf, &bt);
 }
 
@@ -117,6 +135,52 @@ fn lora_step_equals_peft() {
     let adapter = tmp.path().join("adapter");
     trainer.export(&adapter, &dir).unwrap();
     let (input, labels, bt) = batch(trainer.model.config.vocab_size);
-    let hf = hf_step(&dir, &input, &labels, Some(&adapter));
+    let hf = hf_step(&dir, &input, &labels, Some(&adapter), None);
     step_and_compare(&mut trainer, &hf, &bt);
+}
+
+/// LoRA with dropout 0.1 on every linear, through the layer-wise step: checkpointing none and full
+/// (which recomputes each layer, masks included) both take peft's step. One loss chunk: AdamW's first
+/// step moves a parameter by lr * g / (|g| + eps), so gradients near eps turn rounding differences
+/// (chunked sums, tested against the whole graph in layerwise.rs) into 1e-5 of parameter.
+#[test]
+fn layerwise_lora_step_with_dropout_equals_peft() {
+    let dir = fixture("tiny-llama");
+    let cfg = LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, target_modules: vec!["all-linear".into()] };
+    const KEY: u64 = 0x1234_5678_9abc_def0;
+    for checkpointing in [Checkpointing::None, Checkpointing::Full] {
+        let mut trainer = Trainer::new(&dir, Kind::Float, Device::Cpu, Some(cfg.clone()), adamw(), 3).unwrap();
+        tch::manual_seed(11);
+        randomize_lora_b(&trainer.trainable, 0.05);
+        let tmp = tempfile::tempdir().unwrap();
+        let adapter = tmp.path().join("adapter");
+        trainer.export(&adapter, &dir).unwrap();
+        let (input, labels, bt) = batch(trainer.model.config.vocab_size);
+        let hf = hf_step(&dir, &input, &labels, Some(&adapter), Some(KEY));
+        trainer.set_dropout_key(KEY);
+        let opts = StepOptions { checkpointing, loss_chunk: 1000 };
+        println!("checkpointing {checkpointing:?}:");
+        compare_step(&mut trainer, &hf, &bt, &|t: &Trainer, b: &BatchTensors| {
+            t.micro_step_layerwise(b, b.trained as f64, &opts, &mut |_| Ok(())).unwrap()
+        });
+    }
+}
+
+/// The dropout really is on in that test: without the key the oracle's masks differ, and so does its loss.
+#[test]
+fn dropout_masks_change_the_loss() {
+    let dir = fixture("tiny-llama");
+    let cfg = LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, target_modules: vec!["all-linear".into()] };
+    let trainer = Trainer::new(&dir, Kind::Float, Device::Cpu, Some(cfg), adamw(), 3).unwrap();
+    tch::manual_seed(11);
+    randomize_lora_b(&trainer.trainable, 0.05);
+    let (_, _, bt) = batch(trainer.model.config.vocab_size);
+    let opts = StepOptions { checkpointing: Checkpointing::None, loss_chunk: 1000 };
+    let loss = |key: u64| {
+        trainer.set_dropout_key(key);
+        trainer.micro_step_layerwise(&bt, 1.0, &opts, &mut |_| Ok(())).unwrap().double_value(&[])
+    };
+    let (a, b, c) = (loss(1), loss(2), loss(1));
+    assert_eq!(a, c, "the same key draws the same masks");
+    assert_ne!(a, b, "another key draws other masks");
 }

@@ -1,9 +1,10 @@
 //! Collectives for data parallelism: one interface (`Collective`) with a backend per device — a TCP ring
 //! for CPU tensors (`ring`), NCCL for CUDA tensors (`nccl`) — and `Single` for a one-process run, so the
 //! training loop has no special case for one rank. Also the pieces of data parallelism built on it:
-//! `init` (rank environment → store → backend), bucketed gradient all-reduce, and the initial-weights
-//! checksum. Not here: spawning processes or supervising them (the launcher crate).
+//! `init` (rank environment → store → backend), bucketed gradient all-reduce started while backward
+//! runs (`buckets`), and the initial-weights checksum. Not here: spawning processes or supervising them (the launcher crate).
 
+pub mod buckets;
 pub mod nccl;
 pub mod ring;
 
@@ -22,6 +23,20 @@ pub trait Collective {
     fn all_reduce_sum(&mut self, t: &Tensor) -> Result<()>;
     /// Sums a few host numbers over all ranks, in place.
     fn all_reduce_f64(&mut self, v: &mut [f64]) -> Result<()>;
+
+    /// Starts summing `t` (contiguous fp32 on `device()`) over all ranks, in place; the sum is there
+    /// once `wait_started` returns, and the caller keeps `t` alive and untouched until then. Every
+    /// rank starts the same reductions in the same order. Backends that cannot overlap communication
+    /// with computation reduce at once (this default).
+    fn start_all_reduce_sum(&mut self, t: &Tensor) -> Result<()> {
+        self.all_reduce_sum(t)
+    }
+
+    /// Waits for every reduction `start_all_reduce_sum` started (on CUDA: makes later work on the
+    /// default stream wait for them).
+    fn wait_started(&mut self) -> Result<()> {
+        Ok(())
+    }
 
     /// Averages a contiguous fp32 tensor on `device()` over all ranks, in place.
     fn all_reduce_avg(&mut self, t: &Tensor) -> Result<()> {
@@ -137,54 +152,6 @@ pub fn init(env: &JobEnv, device: Device) -> Result<Joined> {
         env.timeout,
     )?;
     Ok(Joined { coll, _server: server })
-}
-
-/// Bucket size for gradient all-reduce (DESIGN.md §4).
-pub const BUCKET_BYTES: usize = 25 << 20;
-
-/// Sums the gradients of `params` over ranks in flat fp32 buckets of about BUCKET_BYTES, then writes
-/// them back into each parameter's `.grad` (in its own dtype). A parameter without a gradient
-/// contributes zeros.
-pub fn all_reduce_grads(coll: &mut dyn Collective, params: &[Tensor]) -> Result<()> {
-    if coll.world() == 1 {
-        return Ok(());
-    }
-    let _guard = tch::no_grad_guard();
-    let mut start = 0;
-    while start < params.len() {
-        let mut end = start;
-        let mut bytes = 0;
-        while end < params.len() && (end == start || bytes + params[end].numel() * 4 <= BUCKET_BYTES) {
-            bytes += params[end].numel() * 4;
-            end += 1;
-        }
-        let group = &params[start..end];
-        let flat = Tensor::cat(
-            &group
-                .iter()
-                .map(|p| {
-                    let g = p.grad();
-                    let g = if g.defined() { g } else { p.zeros_like() };
-                    g.to_kind(Kind::Float).reshape([-1]).to_device(coll.device())
-                })
-                .collect::<Vec<_>>(),
-            0,
-        );
-        coll.all_reduce_sum(&flat)?;
-        let mut off = 0;
-        for p in group {
-            let n = p.numel() as i64;
-            let summed = flat.narrow(0, off, n).view(p.size().as_slice()).to_device(p.device()).to_kind(p.kind());
-            // Every trainable parameter takes part in every forward, so each has a gradient here.
-            let mut g = p.grad();
-            if g.defined() {
-                g.copy_(&summed);
-            }
-            off += n;
-        }
-        start = end;
-    }
-    Ok(())
 }
 
 /// A checksum of tensors (sum of |x| and of x weighted by position), to check that every rank starts

@@ -2,13 +2,19 @@
 //! ships `libnccl.so.2`, a name cudarc does not try, so the build script links `libnccl.so` to it in a
 //! private directory on the worker's run path; dlopen then finds the very file libtorch_cuda already
 //! loaded (one library, checked through /proc/self/maps). Rank 0 makes the NCCL unique id and hands it
-//! out through the rendezvous store. Collectives run on the legacy default stream, the one libtorch
-//! uses, so they order after backward without a host sync; tensors are only borrowed (their
-//! `data_ptr`), never owned. Not here: CPU tensors (`ring`).
+//! out through the rendezvous store. Blocking collectives run on the legacy default stream, the one
+//! libtorch uses, so they order after backward without a host sync. Reductions started during
+//! backward (`start_all_reduce_sum`) run on a side stream of their own: an event orders each after the
+//! kernels queued so far on the default stream, and `wait_started` makes the default stream (the
+//! optimizer) wait for the last of them; the host never waits. Tensors are only borrowed (their
+//! `data_ptr`), never owned; the caller keeps a started tensor alive until `wait_started`.
+//! Not here: CPU tensors (`ring`).
 
 use super::Collective;
 use crate::error::{Error, Result};
+use cudarc::driver::{CudaContext, CudaStream};
 use cudarc::nccl::{result, sys};
+use std::sync::Arc;
 use ferrotune_launcher::store::StoreClient;
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};
@@ -44,6 +50,11 @@ pub struct Nccl {
     world: usize,
     device: Device,
     comm: sys::ncclComm_t,
+    ctx: Arc<CudaContext>,
+    /// The stream of reductions started during backward (made on first use).
+    side: Option<Arc<CudaStream>>,
+    /// Reductions on `side` the default stream has not yet been made to wait for.
+    started: usize,
 }
 
 impl Nccl {
@@ -77,10 +88,15 @@ impl Nccl {
         // SAFETY: `comm` is a valid out-pointer; every rank passes the same id and world size.
         unsafe { result::comm_init_rank(&mut comm, world as i32, id, rank as i32) }
             .map_err(|e| err(format!("ncclCommInitRank: {e:?}")))?;
-        Ok(Nccl { rank, world, device, comm })
+        Ok(Nccl { rank, world, device, comm, ctx, side: None, started: 0 })
     }
 
-    fn all_reduce_raw(&mut self, t: &Tensor, dtype: sys::ncclDataType_t) -> Result<()> {
+    fn cuda_err(&self, what: &str, e: impl std::fmt::Debug) -> Error {
+        Error::Dist { rank: self.rank, msg: format!("{what}: {e:?}") }
+    }
+
+    /// `t` summed in place on `stream` (null: the legacy default stream).
+    fn all_reduce_raw(&mut self, t: &Tensor, dtype: sys::ncclDataType_t, stream: sys::cudaStream_t) -> Result<()> {
         // SAFETY: `t` is a contiguous CUDA tensor on this communicator's device that outlives the call
         // (the legacy default stream orders the kernel before any later use of `t` by libtorch).
         unsafe {
@@ -91,7 +107,7 @@ impl Nccl {
                 dtype,
                 sys::ncclRedOp_t::ncclSum,
                 self.comm,
-                std::ptr::null_mut(),
+                stream,
             )
         }
         .map(|_| ())
@@ -122,12 +138,37 @@ impl Collective for Nccl {
 
     fn all_reduce_sum(&mut self, t: &Tensor) -> Result<()> {
         assert!(t.device() == self.device && t.is_contiguous() && t.kind() == Kind::Float);
-        self.all_reduce_raw(t, sys::ncclDataType_t::ncclFloat32)
+        self.all_reduce_raw(t, sys::ncclDataType_t::ncclFloat32, std::ptr::null_mut())
+    }
+
+    fn start_all_reduce_sum(&mut self, t: &Tensor) -> Result<()> {
+        assert!(t.device() == self.device && t.is_contiguous() && t.kind() == Kind::Float);
+        let side = match &self.side {
+            Some(s) => s.clone(),
+            None => {
+                let s = self.ctx.new_stream().map_err(|e| self.cuda_err("creating the reduction stream", e))?;
+                self.side = Some(s.clone());
+                s
+            }
+        };
+        // After every kernel queued so far on the default stream (this layer's backward).
+        side.join(&self.ctx.default_stream()).map_err(|e| self.cuda_err("ordering the reduction", e))?;
+        self.all_reduce_raw(t, sys::ncclDataType_t::ncclFloat32, side.cu_stream() as sys::cudaStream_t)?;
+        self.started += 1;
+        Ok(())
+    }
+
+    fn wait_started(&mut self) -> Result<()> {
+        if let (Some(side), true) = (&self.side, self.started > 0) {
+            self.ctx.default_stream().join(side).map_err(|e| self.cuda_err("waiting for the reductions", e))?;
+        }
+        self.started = 0;
+        Ok(())
     }
 
     fn all_reduce_f64(&mut self, v: &mut [f64]) -> Result<()> {
         let t = Tensor::from_slice(v).to_device(self.device);
-        self.all_reduce_raw(&t, sys::ncclDataType_t::ncclFloat64)?;
+        self.all_reduce_raw(&t, sys::ncclDataType_t::ncclFloat64, std::ptr::null_mut())?;
         v.copy_from_slice(&Vec::<f64>::try_from(t.to_device(Device::Cpu)).map_err(Error::Torch)?);
         Ok(())
     }

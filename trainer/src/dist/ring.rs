@@ -2,6 +2,8 @@
 //! all-gather; each rank sends and receives 2(W-1)/W of the buffer), with every rank connected to the
 //! next and accepting from the previous. Addresses are exchanged through the rendezvous store. Sends
 //! run on a scoped thread while the receiving side adds into place, so the two directions overlap.
+//! Every operation runs on one communication thread that owns the sockets, in the order issued, so a
+//! reduction started during backward (`start_all_reduce_sum`) proceeds while the trainer computes.
 //! Not here: GPU tensors (the NCCL backend), or choosing a backend (`dist::init`).
 
 use super::Collective;
@@ -27,12 +29,31 @@ fn bytes_of_mut<T: Elem>(s: &mut [T]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), std::mem::size_of_val(s)) }
 }
 
-pub struct Ring {
+/// The sockets to both neighbours, owned by the communication thread.
+struct Link {
     rank: usize,
     world: usize,
     next: Option<TcpStream>,
     prev: Option<TcpStream>,
     scratch: Vec<u8>,
+}
+
+/// Work for the communication thread: a CPU tensor (fp32 or fp64) summed in place, or host numbers.
+enum Job {
+    Tensor(Tensor),
+    Host(Vec<f64>),
+}
+
+type Reply = Result<Option<Vec<f64>>>;
+
+pub struct Ring {
+    rank: usize,
+    world: usize,
+    jobs: Option<std::sync::mpsc::Sender<Job>>,
+    replies: Option<std::sync::mpsc::Receiver<Reply>>,
+    /// Started reductions whose replies have not been read.
+    pending: usize,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Elements received per read-and-add pass (4 MB of f32).
@@ -43,7 +64,7 @@ impl Ring {
     /// wait for a neighbour (a dead neighbour is noticed at once: its socket closes).
     pub fn connect(store: &mut StoreClient, rank: usize, world: usize, timeout: Duration) -> Result<Ring> {
         if world == 1 {
-            return Ok(Ring { rank, world, next: None, prev: None, scratch: vec![] });
+            return Ok(Ring { rank, world, jobs: None, replies: None, pending: 0, thread: None });
         }
         let err = |msg: String| Error::Dist { rank, msg };
         let host = std::env::var("FERROTUNE_RING_HOST")
@@ -89,9 +110,58 @@ impl Ring {
             s.set_read_timeout(Some(timeout)).map_err(|e| err(e.to_string()))?;
             s.set_write_timeout(Some(timeout)).map_err(|e| err(e.to_string()))?;
         }
-        Ok(Ring { rank, world, next: Some(next), prev: Some(prev), scratch: vec![] })
+        let mut link = Link { rank, world, next: Some(next), prev: Some(prev), scratch: vec![] };
+        let (jobs, inbox) = std::sync::mpsc::channel::<Job>();
+        let (outbox, replies) = std::sync::mpsc::channel::<Reply>();
+        let thread = std::thread::Builder::new()
+            .name(format!("ring-{rank}"))
+            .spawn(move || {
+                for job in inbox {
+                    let reply = match job {
+                        Job::Tensor(t) => link.all_reduce_tensor(&t).map(|_| None),
+                        Job::Host(mut v) => link.all_reduce_slice(&mut v).map(|_| Some(v)),
+                    };
+                    if outbox.send(reply).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| err(format!("cannot start the ring's thread: {e}")))?;
+        Ok(Ring { rank, world, jobs: Some(jobs), replies: Some(replies), pending: 0, thread: Some(thread) })
     }
 
+    /// Hands `job` to the communication thread.
+    fn send(&mut self, job: Job) -> Result<()> {
+        let gone = || Error::Dist { rank: self.rank, msg: "the ring's communication thread has stopped".into() };
+        self.jobs.as_ref().ok_or_else(gone)?.send(job).map_err(|_| gone())
+    }
+
+    /// The next reply, in issue order.
+    fn reply(&mut self) -> Reply {
+        let gone = || Error::Dist { rank: self.rank, msg: "the ring's communication thread has stopped".into() };
+        self.replies.as_ref().ok_or_else(gone)?.recv().map_err(|_| gone())?
+    }
+
+    /// Runs `job` after everything started before it, and returns its reply; the first failure of
+    /// a started reduction wins.
+    fn run(&mut self, job: Job) -> Reply {
+        self.send(job)?;
+        let started = self.wait_started();
+        let own = self.reply();
+        started.and(own)
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        self.jobs = None; // ends the thread's loop
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Link {
     /// Sends `data[send]` to the next rank while receiving the previous rank's matching chunk into
     /// `data[recv]`, added (`add`) or copied.
     fn exchange<T: Elem>(
@@ -156,6 +226,22 @@ impl Ring {
         }
         Ok(())
     }
+
+    fn all_reduce_tensor(&mut self, t: &Tensor) -> Result<()> {
+        assert!(t.device() == Device::Cpu && t.is_contiguous(), "the ring reduces contiguous CPU tensors");
+        let n = t.numel();
+        // SAFETY: a contiguous CPU tensor of `n` elements of the matched kind; the caller keeps another
+        // handle to it and does not touch it until this job's reply has been read.
+        match t.kind() {
+            Kind::Float => {
+                self.all_reduce_slice(unsafe { std::slice::from_raw_parts_mut(t.data_ptr().cast::<f32>(), n) })
+            }
+            Kind::Double => {
+                self.all_reduce_slice(unsafe { std::slice::from_raw_parts_mut(t.data_ptr().cast::<f64>(), n) })
+            }
+            k => panic!("the ring reduces fp32 or fp64 tensors, not {k:?}"),
+        }
+    }
 }
 
 impl Collective for Ring {
@@ -170,21 +256,41 @@ impl Collective for Ring {
     }
 
     fn all_reduce_sum(&mut self, t: &Tensor) -> Result<()> {
-        assert!(t.device() == Device::Cpu && t.is_contiguous(), "the ring reduces contiguous CPU tensors");
-        let n = t.numel();
-        // SAFETY: a contiguous CPU tensor of `n` elements of the matched kind; `t` outlives the slice.
-        match t.kind() {
-            Kind::Float => {
-                self.all_reduce_slice(unsafe { std::slice::from_raw_parts_mut(t.data_ptr().cast::<f32>(), n) })
-            }
-            Kind::Double => {
-                self.all_reduce_slice(unsafe { std::slice::from_raw_parts_mut(t.data_ptr().cast::<f64>(), n) })
-            }
-            k => panic!("the ring reduces fp32 or fp64 tensors, not {k:?}"),
+        if self.world == 1 {
+            return Ok(());
         }
+        self.run(Job::Tensor(t.shallow_clone())).map(|_| ())
     }
 
     fn all_reduce_f64(&mut self, v: &mut [f64]) -> Result<()> {
-        self.all_reduce_slice(v)
+        if self.world == 1 {
+            return Ok(());
+        }
+        let summed = self.run(Job::Host(v.to_vec()))?.expect("host reply");
+        v.copy_from_slice(&summed);
+        Ok(())
+    }
+
+    fn start_all_reduce_sum(&mut self, t: &Tensor) -> Result<()> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        assert!(t.device() == Device::Cpu && t.is_contiguous(), "the ring reduces contiguous CPU tensors");
+        self.send(Job::Tensor(t.shallow_clone()))?;
+        self.pending += 1;
+        Ok(())
+    }
+
+    fn wait_started(&mut self) -> Result<()> {
+        let mut first = Ok(());
+        while self.pending > 0 {
+            self.pending -= 1;
+            if let Err(e) = self.reply() {
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        first
     }
 }

@@ -30,10 +30,16 @@ pub fn oracle(args: &[&str]) {
 
 /// `oracle` with the model loaded in `dtype` ("float32" or "bfloat16").
 pub fn oracle_in(args: &[&str], dtype: &str) {
+    oracle_with(args, dtype, &[])
+}
+
+/// `oracle_in` with extra environment variables (e.g. ORACLE_DROPOUT_KEY).
+pub fn oracle_with(args: &[&str], dtype: &str, env: &[(&str, &str)]) {
     let script = fixtures::repo_root().join("tests").join("oracle.py");
     let out = std::process::Command::new(fixtures::python())
         .arg(&script)
         .args(args)
+        .envs(env.iter().copied())
         .env("ORACLE_DTYPE", dtype)
         .output()
         .expect("run oracle.py");

@@ -97,7 +97,7 @@ pub fn export(a: ExportArgs) -> Result<()> {
     let mut model = model_with_adapter(&a.model, Some(&a.adapter), "fp32", "cpu")?;
     lora::merge(&mut model);
     weights::save_pretrained(&model, &a.out, storage, 2 << 30)?;
-    ferrotune_trainer::train::copy_tokenizer_files(&a.model, &a.out)?;
+    ferrotune_trainer::learner::copy_tokenizer_files(&a.model, &a.out)?;
     println!("merged {} into {} ({})", a.adapter.display(), a.out.display(), weights::dtype_name(storage));
     Ok(())
 }

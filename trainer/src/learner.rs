@@ -1,0 +1,121 @@
+//! A model with its trainable parameters and its optimizer: loading (full fine-tuning, or a frozen base
+//! with fresh LoRA adapters), one micro-batch's forward and backward (whole-graph reference, or the
+//! layer-wise step the training loop uses), and the export of what was trained. It does not loop over
+//! steps, read data or talk to other ranks (`train`).
+
+use crate::batch::BatchTensors;
+use crate::checkpoint;
+use crate::error::{Error, Result};
+use crate::layerwise::{self, Stage, StepOptions};
+use crate::lora::{self, Dropout, LoraConfig};
+use crate::model::Llama;
+use crate::optim::{AdamW, AdamWConfig};
+use crate::{load_model, loss, weights};
+use std::path::Path;
+use std::rc::Rc;
+use tch::{Device, Kind, Tensor};
+
+/// A model with its trainable parameters and optimizer.
+pub struct Trainer {
+    pub model: Llama,
+    pub opt: AdamW,
+    /// Trainable tensors under their checkpoint names (peft names for LoRA, Hugging Face names for
+    /// full fine-tuning).
+    pub trainable: Vec<(String, Tensor)>,
+    pub lora: Option<LoraConfig>,
+    /// Shared with the adapters: dropout on or off, and the key of its masks.
+    dropout: Rc<Dropout>,
+}
+
+impl Trainer {
+    /// Loads the model; with `lora`, freezes it and attaches fresh adapters (seeded by `seed`).
+    pub fn new(
+        model_dir: &Path,
+        kind: Kind,
+        device: Device,
+        lora: Option<LoraConfig>,
+        adamw: AdamWConfig,
+        seed: u64,
+    ) -> Result<Self> {
+        let mut model = load_model(model_dir, kind, device)?;
+        let dropout = Rc::new(Dropout::default());
+        let trainable = match &lora {
+            Some(cfg) => {
+                model.set_requires_grad(false);
+                tch::manual_seed(seed as i64);
+                lora::attach(&mut model, cfg, dropout.clone()).map_err(Error::Invalid)?
+            }
+            None => {
+                model.set_requires_grad(true);
+                model.named_parameters()
+            }
+        };
+        let opt = AdamW::new(trainable.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(), adamw);
+        Ok(Trainer { model, opt, trainable, lora, dropout })
+    }
+
+    /// Sets the key every LoRA dropout mask of the next forward passes derives from (the training
+    /// loop makes it a function of seed, step and global micro-batch index).
+    pub fn set_dropout_key(&self, key: u64) {
+        self.dropout.key.set(key);
+    }
+
+    /// Forward and backward of one micro-batch through one whole autograd graph (the reference the
+    /// layer-wise step is tested against); the loss is divided by `denom`, the trained tokens of the
+    /// whole optimizer step. Returns the (detached) sum of the micro-batch's token losses.
+    pub fn micro_step(&self, b: &BatchTensors, denom: f64) -> Tensor {
+        self.dropout.training.set(true);
+        let hidden = self.model.forward_packed(&b.ids, &b.positions, &b.attend);
+        let sum = loss::masked_ce_sum(&self.model, &hidden, &b.idx, &b.targets);
+        (&sum / denom).backward();
+        self.dropout.training.set(false);
+        sum.detach()
+    }
+
+    /// The same, stage by stage (`layerwise`): checkpointing and the loss chunk as `opts` says, and
+    /// `on_done(stage)` after each stage's backward (where the caller starts gradient reductions).
+    pub fn micro_step_layerwise(
+        &self,
+        b: &BatchTensors,
+        denom: f64,
+        opts: &StepOptions,
+        on_done: &mut dyn FnMut(Stage) -> Result<()>,
+    ) -> Result<Tensor> {
+        self.dropout.training.set(true);
+        let sum = layerwise::forward_backward(&self.model, b, denom, opts, on_done);
+        self.dropout.training.set(false);
+        sum
+    }
+
+    /// Writes the adapter (peft layout) or the whole model (Hugging Face layout) to `dir`.
+    pub fn export(&self, dir: &Path, base_model: &Path) -> Result<()> {
+        match &self.lora {
+            Some(cfg) => {
+                std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+                checkpoint::save_named(&dir.join("adapter_model.safetensors"), &self.trainable)?;
+                let c = lora::adapter_config(cfg, &base_model.display().to_string());
+                let p = dir.join("adapter_config.json");
+                std::fs::write(&p, serde_json::to_string_pretty(&c).expect("json")).map_err(Error::io(&p))
+            }
+            None => weights::save_pretrained(&self.model, dir, self.model.kind(), 2 << 30),
+        }?;
+        copy_tokenizer_files(base_model, dir)
+    }
+}
+
+/// tokenizer.json, tokenizer_config.json, chat_template.jinja, generation_config.json (when present).
+pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<()> {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "special_tokens_map.json",
+        "generation_config.json",
+    ] {
+        if from.join(f).exists() {
+            std::fs::copy(from.join(f), to.join(f)).map_err(Error::io(to.join(f)))?;
+        }
+    }
+    Ok(())
+}
+

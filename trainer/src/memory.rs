@@ -1,0 +1,250 @@
+//! The memory planner: predicted peak memory of one training rank, by part, from the architecture and
+//! the run's settings alone (nothing is loaded). One pure function, `predict`; `ferrotune plan` prints
+//! it, `train` prints it at start beside the measured peak it later logs. The constants are derived
+//! below from what libtorch's autograd saves for backward in `model.rs`'s layer; the CPU allowance was
+//! measured (README: "Memory"). It does not measure anything or decide what to run.
+//!
+//! Symbols: e bytes of the compute dtype, C hidden, Q = H·D query width, G = K·D key/value width,
+//! F MLP width, V vocabulary, L layers, r LoRA rank, T tokens of one micro-batch (rows × row length).
+
+use crate::config::LlamaConfig;
+use crate::layerwise::Checkpointing;
+use serde::Serialize;
+
+/// What the prediction depends on.
+#[derive(Debug, Clone)]
+pub struct MemoryInputs<'a> {
+    pub arch: &'a LlamaConfig,
+    /// 2 (bf16) or 4 (fp32).
+    pub compute_bytes: usize,
+    /// LoRA rank, adapted module names (`q_proj`, …) and whether dropout is on; None: full fine-tuning.
+    pub lora: Option<(i64, Vec<&'static str>, bool)>,
+    pub checkpointing: Checkpointing,
+    /// Tokens of one micro-batch (rows × row length).
+    pub tokens: usize,
+    /// Positions projected through lm_head at once (the loss chunk, or fewer when fewer are trained).
+    pub loss_positions: usize,
+    pub world: usize,
+    /// Bytes of one gradient bucket (`train.bucket_mb`).
+    pub bucket_bytes: usize,
+    pub cuda: bool,
+}
+
+/// One part of the prediction.
+#[derive(Debug, Clone, Serialize)]
+pub struct Part {
+    pub name: &'static str,
+    pub bytes: f64,
+    /// How it was counted, for the printed table.
+    pub how: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryPlan {
+    pub parts: Vec<Part>,
+    pub total: f64,
+}
+
+/// Host memory of a CPU rank that is not tensors: libtorch and its OpenMP pools, the tokenizer, the
+/// mapped token cache, the binary. Measured: 0.38-0.45 GB of peak resident memory for a run of the
+/// tiny fixture whose tensors are a few MB (README: "Memory").
+const CPU_RUNTIME: f64 = 0.42e9;
+/// CUDA context, cuBLAS workspaces and NCCL buffers on a GPU: about 1 GB on recent drivers (torchtune
+/// and torchtitan's tables start from a similar floor).
+const CUDA_RUNTIME: f64 = 1.0e9;
+/// The caching allocator rounds blocks up and fragments: 5% over the tensors on CPU (glibc arenas),
+/// 10% on CUDA (its block rounding and split caches).
+const FRAGMENTATION_CPU: f64 = 0.05;
+const FRAGMENTATION_CUDA: f64 = 0.10;
+
+/// Bytes autograd keeps per token for one decoder layer's backward (its graph), from model.rs:
+/// - each RMSNorm: the fp32 input (4C: a copy in bf16, the input itself in fp32) and its output (eC),
+///   which the following projections keep as their input; with trainable norm weights also the
+///   normalized value before the weight (eC);
+/// - attention: rotated q and k, v, SDPA's output and log-sum-exp (e(2Q + 2G) + 4H), the per-document
+///   outputs concatenated (eQ) and transposed into o_proj's input (eQ);
+/// - MLP: gate and up outputs and SiLU's output (3eF), their product as down_proj's input (eF);
+/// - LoRA per adapted linear of input width i: with dropout its mask and dropped input (2ei), and the
+///   rank-r intermediate (er).
+pub fn layer_bytes_per_token(a: &LlamaConfig, e: usize, lora: Option<&(i64, Vec<&'static str>, bool)>) -> f64 {
+    let e = e as f64;
+    let (c, f, h) = (a.hidden_size as f64, a.intermediate_size as f64, a.num_attention_heads as f64);
+    let q = (a.num_attention_heads * a.head_dim) as f64;
+    let g = (a.num_key_value_heads * a.head_dim) as f64;
+    let full = lora.is_none();
+    let norms = 2.0 * (4.0 * c + e * c + if full { e * c } else { 0.0 });
+    let attention = e * (2.0 * q + 2.0 * g) + 4.0 * h + 2.0 * e * q;
+    let mlp = 4.0 * e * f;
+    let adapters = lora.map_or(0.0, |(r, targets, dropout)| {
+        targets
+            .iter()
+            .map(|t| {
+                let input = match *t {
+                    "o_proj" => q,
+                    "down_proj" => f,
+                    _ => c,
+                };
+                (if *dropout { 2.0 * e * input } else { 0.0 }) + e * *r as f64
+            })
+            .sum()
+    });
+    norms + attention + mlp + adapters
+}
+
+/// Bytes per token of the transient working set while one layer runs backward: the gradients of its
+/// largest activations alive at once (the MLP's three F-wide ones and a few C-wide ones), in e.
+fn backward_bytes_per_token(a: &LlamaConfig, e: usize) -> f64 {
+    let e = e as f64;
+    e * (3.0 * a.intermediate_size as f64 + 4.0 * a.hidden_size as f64)
+}
+
+/// Trainable parameters of the adapters.
+pub fn lora_parameters(a: &LlamaConfig, r: i64, targets: &[&str]) -> i64 {
+    let (c, f) = (a.hidden_size, a.intermediate_size);
+    let (q, g) = (a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim);
+    let per_layer: i64 = targets
+        .iter()
+        .map(|t| {
+            let (i, o) = match *t {
+                "q_proj" => (c, q),
+                "k_proj" | "v_proj" => (c, g),
+                "o_proj" => (q, c),
+                "gate_proj" | "up_proj" => (c, f),
+                "down_proj" => (f, c),
+                _ => (0, 0),
+            };
+            r * (i + o)
+        })
+        .sum();
+    per_layer * a.num_hidden_layers
+}
+
+/// The predicted peak of one rank.
+pub fn predict(m: &MemoryInputs) -> MemoryPlan {
+    let a = m.arch;
+    let e = m.compute_bytes as f64;
+    let gb = |x: f64| format!("{:.2} GB", x / 1e9);
+    let p_model = a.num_parameters() as f64;
+    let p_train = match &m.lora {
+        Some((r, targets, _)) => lora_parameters(a, *r, targets) as f64,
+        None => p_model,
+    };
+    let tokens = m.tokens as f64;
+    let layers = a.num_hidden_layers as f64;
+    let mut parts = vec![];
+    let mut part = |name, bytes: f64, how: String| parts.push(Part { name, bytes, how });
+
+    part("weights", (p_model + if m.lora.is_some() { p_train } else { 0.0 }) * e, format!("{p_model:.3e} parameters x {e} B"));
+    part("gradients", p_train * e, format!("{p_train:.3e} trainable x {e} B"));
+    // AdamW moments are fp32 (8 B a parameter); fp32 masters only when computing in bf16.
+    let masters = if m.compute_bytes == 4 { 0.0 } else { 4.0 };
+    part(
+        "optimizer state",
+        p_train * (8.0 + masters),
+        format!("{p_train:.3e} x (8 B moments{})", if masters > 0.0 { " + 4 B fp32 masters" } else { "" }),
+    );
+    let per_layer = layer_bytes_per_token(a, m.compute_bytes, m.lora.as_ref());
+    let kept = match m.checkpointing {
+        // Every layer's graph.
+        Checkpointing::None => layers * per_layer * tokens,
+        // Every layer's input, plus one layer's graph while it is recomputed.
+        Checkpointing::Full => layers * e * a.hidden_size as f64 * tokens + per_layer * tokens,
+    };
+    part(
+        "activations",
+        kept,
+        match m.checkpointing {
+            Checkpointing::None => format!("{layers} layers x {:.0} B/token x {tokens} tokens", per_layer),
+            Checkpointing::Full => format!("{layers} layer inputs x {e}C B/token + one layer's graph, {tokens} tokens"),
+        },
+    );
+    part(
+        "backward working set",
+        backward_bytes_per_token(a, m.compute_bytes) * tokens,
+        format!("gradients of one layer's activations ({tokens} tokens)"),
+    );
+    // The loss chunk: logits in the compute dtype and in fp32, log-softmax kept for backward, and the
+    // fp32 gradient of the logits (plus its compute-dtype copy in bf16); the final norm's output too.
+    let v = a.vocab_size as f64;
+    let n = m.loss_positions as f64;
+    let per_position = if m.compute_bytes == 4 { 12.0 } else { 16.0 };
+    part(
+        "loss chunk",
+        n * v * per_position + tokens * (4.0 + 2.0 * e) * a.hidden_size as f64,
+        format!("{n} positions x {v} ids x {per_position} B, and the final norm"),
+    );
+    let buckets = if m.world > 1 {
+        (crate::dist::buckets::IN_FLIGHT as f64 * m.bucket_bytes as f64).min(4.0 * p_train)
+    } else {
+        0.0
+    };
+    part("gradient buckets", buckets, format!("at most {} fp32 buckets in flight", crate::dist::buckets::IN_FLIGHT));
+    let tensors: f64 = parts.iter().map(|p| p.bytes).sum();
+    let (runtime, frag) =
+        if m.cuda { (CUDA_RUNTIME, FRAGMENTATION_CUDA) } else { (CPU_RUNTIME, FRAGMENTATION_CPU) };
+    parts.push(Part {
+        name: "allowance",
+        bytes: runtime + frag * tensors,
+        how: format!("{} runtime + {:.0}% of the tensors for the allocator", gb(runtime), 100.0 * frag),
+    });
+    let total = parts.iter().map(|p| p.bytes).sum();
+    MemoryPlan { parts, total }
+}
+
+impl MemoryPlan {
+    /// The table `plan` and `train` print.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        for p in &self.parts {
+            s.push_str(&format!("  {:<22} {:>9.2} GB  {}\n", p.name, p.bytes / 1e9, p.how));
+        }
+        s.push_str(&format!("  {:<22} {:>9.2} GB\n", "predicted peak", self.total / 1e9));
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama31_8b() -> LlamaConfig {
+        let v = serde_json::json!({
+            "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": false
+        });
+        LlamaConfig::from_json(&v, std::path::Path::new("config.json")).unwrap()
+    }
+
+    #[test]
+    fn llama_8b_parts_follow_the_byte_counts_of_design_8() {
+        let a = llama31_8b();
+        assert_eq!(a.num_parameters(), 8_030_261_248); // Llama 3.1 8B's published count
+        let full = MemoryInputs {
+            arch: &a,
+            compute_bytes: 2,
+            lora: None,
+            checkpointing: Checkpointing::Full,
+            tokens: 8192,
+            loss_positions: 523,
+            world: 1,
+            bucket_bytes: 25 << 20,
+            cuda: true,
+        };
+        let p = predict(&full);
+        let get = |p: &MemoryPlan, n: &str| p.parts.iter().find(|x| x.name == n).unwrap().bytes;
+        // bf16 weights 2P, bf16 gradients 2P, fp32 moments and masters 12P (DESIGN.md §8).
+        assert_eq!(get(&p, "weights"), 2.0 * 8_030_261_248.0);
+        assert_eq!(get(&p, "optimizer state"), 12.0 * 8_030_261_248.0);
+        // Checkpointed: 32 layer inputs of 8192 x 4096 bf16 = 2.1 GB plus one layer's graph.
+        let act = get(&p, "activations");
+        assert!(act > 2.1e9 && act < 4.0e9, "{act}");
+        let none = predict(&MemoryInputs { checkpointing: Checkpointing::None, ..full.clone() });
+        assert!(get(&none, "activations") > 10.0 * act, "checkpointing must cut activations by far more than 3x");
+        // LoRA r=16 on every linear: 42M adapter parameters.
+        let targets = crate::lora::LINEAR_NAMES.to_vec();
+        assert_eq!(lora_parameters(&a, 16, &targets), 41_943_040);
+        let lora = predict(&MemoryInputs { lora: Some((16, targets, true)), ..full });
+        assert!(lora.total < 0.3 * p.total);
+    }
+}
