@@ -4,7 +4,9 @@
 //! `assistant` masking, rows of BENCH_SEQ = 1024 tokens), the same dtype (BENCH_DTYPE, fp32 by default:
 //! this CPU has no bf16 matmul units) and the same step: forward, masked cross-entropy, backward,
 //! clip_grad_norm(1.0), AdamW. One row per optimizer step; BENCH_STEPS steps (default 4), the first not
-//! timed. Both LoRA (r=8, alpha=16, all-linear, dropout 0) and full fine-tuning.
+//! timed. Both LoRA (r=8, alpha=16, all-linear, dropout 0) and full fine-tuning. ferrotune runs the
+//! training loop's own step: layer-wise, activation checkpointing BENCH_CHECKPOINTING (none by
+//! default, as on CPU), the default loss chunk.
 //!
 //! Each side runs in its own child process so that peak resident memory (VmHWM / ru_maxrss) is its own.
 //! Both sides must see the same tokens and trained tokens, or the bench fails. This is a measurement,
@@ -17,11 +19,12 @@ use ferrotune_data::mask::{MaskOptions, Strategy};
 use ferrotune_data::pack::Overlong;
 use ferrotune_data::prepare::{prepare_to_file, PrepareOptions};
 use ferrotune_data::{coqa, fixtures};
+use ferrotune_trainer::batch::to_tensors;
+use ferrotune_trainer::layerwise::{default_loss_chunk, Checkpointing, StepOptions};
+use ferrotune_trainer::learner::Trainer;
 use ferrotune_trainer::lora::LoraConfig;
 use ferrotune_trainer::metrics::peak_rss_bytes;
 use ferrotune_trainer::optim::AdamWConfig;
-use ferrotune_trainer::batch::to_tensors;
-use ferrotune_trainer::learner::Trainer;
 use serde_json::{json, Value};
 use std::io::Write;
 use std::path::Path;
@@ -50,6 +53,11 @@ fn ours(model: &Path, rows: &Path, mode: &str, dtype: &str) -> Value {
     });
     let adamw = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
     let mut trainer = Trainer::new(model, kind_of(dtype), Device::Cpu, lora, adamw, 0).unwrap();
+    let checkpointing: String = env_or("BENCH_CHECKPOINTING", "none".to_string());
+    let opts = StepOptions {
+        checkpointing: Checkpointing::parse(&checkpointing).expect("BENCH_CHECKPOINTING is none or full"),
+        loss_chunk: default_loss_chunk(trainer.model.config.vocab_size),
+    };
     let (steps, seq) = t["input_ids"].size2().unwrap();
     let row = |name: &str, i: i64| Vec::<i64>::try_from(t[name].get(i)).unwrap();
     let (mut losses, mut tokens, mut trained, mut t0) = (vec![], 0, 0, Instant::now());
@@ -71,7 +79,7 @@ fn ours(model: &Path, rows: &Path, mode: &str, dtype: &str) -> Value {
             epoch: 0,
         };
         let b = to_tensors(&batch, Device::Cpu);
-        let sum = trainer.micro_step(&b, n as f64);
+        let sum = trainer.micro_step_layerwise(&b, n as f64, &opts, &mut |_| Ok(())).unwrap();
         let _norm = trainer.opt.clip_grad_norm(1.0);
         trainer.opt.step(1e-4);
         losses.push(sum.double_value(&[]) / n as f64);
@@ -152,7 +160,8 @@ fn main() {
                 .arg(&model)
                 .arg(&rows)
                 .env("FERROTUNE_BENCH_CHILD", mode)
-                .env("BENCH_DTYPE", &dtype),
+                .env("BENCH_DTYPE", &dtype)
+                .env("BENCH_CHECKPOINTING", env_or("BENCH_CHECKPOINTING", "none".to_string())),
         );
         let reference = run_child(
             Command::new(fixtures::python())

@@ -21,6 +21,10 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Fine-tune a model as a TOML run config describes (see configs/).
     Train(TrainArgs),
+    /// Predict one training rank's peak memory by part (weights, gradients, optimizer state,
+    /// activations, loss chunk, buckets, allowance) from the config and the model's config.json alone,
+    /// say whether it fits the device and, when not, which config change would.
+    Plan(PlanArgs),
     /// Run `train` data-parallel: one worker per GPU (or CPU rank) on this node, with rendezvous,
     /// supervision and restarts (ferrotune's torchrun). Example: ferrotune launch --nproc-per-node 2 --
     /// train configs/run.toml
@@ -160,7 +164,12 @@ impl Command {
     pub fn needs_torch(&self) -> bool {
         matches!(
             self,
-            Command::Inspect(_) | Command::Generate(_) | Command::Train(_) | Command::Eval(_) | Command::Export(_)
+            Command::Inspect(_)
+                | Command::Generate(_)
+                | Command::Train(_)
+                | Command::Plan(_)
+                | Command::Eval(_)
+                | Command::Export(_)
         )
     }
 
@@ -170,6 +179,7 @@ impl Command {
             Command::Inspect(_) => "inspect",
             Command::Generate(_) => "generate",
             Command::Train(_) => "train",
+            Command::Plan(_) => "plan",
             Command::Launch(_) => "launch",
             Command::Sweep(_) => "sweep",
             Command::Report(_) => "report",
@@ -181,6 +191,25 @@ impl Command {
             Command::Convert(_) => "convert",
         }
     }
+}
+
+#[derive(clap::Args)]
+pub struct PlanArgs {
+    /// Run configuration (TOML), as given to `train`; only model.path's config.json is read.
+    pub config: PathBuf,
+    /// Ranks the run will have (divides the batch; with more than one, gradient buckets are counted).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub world: usize,
+    /// Memory of one device, e.g. 80GB, 141GiB or 24e9 (default: the GPU's total memory on CUDA, the
+    /// host's MemTotal on CPU).
+    #[arg(long, value_name = "SIZE")]
+    pub device_memory: Option<String>,
+    /// Override a config key, as for `train` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Print the prediction as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(clap::Args)]

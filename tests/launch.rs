@@ -144,14 +144,24 @@ fn max_diff(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f32 {
 /// Two ranks with batch 1 each against one rank with batch 2 (2 micro-batches): same losses (1e-6
 /// relative: the ring sums the two ranks' fp32 gradients where one rank accumulates them, and the
 /// loss is summed in f64 instead of f32) and same final weights (1e-6 absolute).
+/// The 2-rank side also checkpoints activations and uses buckets of 8 KiB, so that many buckets are
+/// reduced while backward runs (and the in-flight limit is reached).
 fn two_ranks_equal_one(extra: &[&str], weights_dir: &str) {
     let j = job(extra);
     ok(ferrotune().args(j.train_args("one")).args(["--set", "train.batch_size=2"]).output().unwrap());
     let port = free_port().to_string();
     let mut c = launch(&j, "two", &["--nproc-per-node".into(), "2".into(), "--master-port".into(), port]);
-    c.args(["--set", "train.batch_size=2"]);
-    let (out, _) = ok(c.output().unwrap());
+    c.args(["--set", "train.batch_size=2", "--set", "train.bucket_mb=0.0078125"]);
+    c.args(["--set", "train.activation_checkpointing=full"]);
+    let (out, err) = ok(c.output().unwrap());
     assert!(out.contains("[rank 1] rank 1 done: 6 steps") && out.contains("[rank 0] done: 6 steps"), "{out}");
+    let buckets: usize = err
+        .split("gradients in ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no bucket line in {err}"));
+    assert!(buckets > 4, "{buckets} buckets");
     same_losses(&j.run_dir("one"), &j.run_dir("two"));
     let d = max_diff(&tensors(&j.run_dir("one").join(weights_dir)), &tensors(&j.run_dir("two").join(weights_dir)));
     println!("max weight difference 1 rank vs 2 ranks: {d:e}");

@@ -36,4 +36,3 @@ pub fn to_tensors(b: &Batch, device: Device) -> BatchTensors {
         trained: idx.len(),
     }
 }
-

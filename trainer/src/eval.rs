@@ -3,8 +3,8 @@
 //! answered by greedy generation (batched, KV cache) with the gold earlier answers as history, then
 //! scored. Also the masked mean loss over a token cache (validation during training, `eval --metric loss`).
 
-use crate::model::Llama;
 use crate::batch::to_tensors;
+use crate::model::Llama;
 use crate::{generate, loss};
 use ferrotune_data::cache::TokenCache;
 use ferrotune_data::encode::Encoder;

@@ -118,4 +118,3 @@ pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<()> {
     }
     Ok(())
 }
-

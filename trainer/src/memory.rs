@@ -20,10 +20,12 @@ pub struct MemoryInputs<'a> {
     /// LoRA rank, adapted module names (`q_proj`, …) and whether dropout is on; None: full fine-tuning.
     pub lora: Option<(i64, Vec<&'static str>, bool)>,
     pub checkpointing: Checkpointing,
-    /// Tokens of one micro-batch (rows × row length).
-    pub tokens: usize,
-    /// Positions projected through lm_head at once (the loss chunk, or fewer when fewer are trained).
-    pub loss_positions: usize,
+    /// Rows of one micro-batch and tokens of a row.
+    pub rows: usize,
+    pub seq: usize,
+    /// Most positions projected through lm_head at once (`train.loss_chunk_tokens` resolved); the
+    /// prediction assumes every position of a micro-batch may be trained (`all` masking).
+    pub loss_chunk: usize,
     pub world: usize,
     /// Bytes of one gradient bucket (`train.bucket_mb`).
     pub bucket_bytes: usize,
@@ -129,12 +131,16 @@ pub fn predict(m: &MemoryInputs) -> MemoryPlan {
         Some((r, targets, _)) => lora_parameters(a, *r, targets) as f64,
         None => p_model,
     };
-    let tokens = m.tokens as f64;
+    let tokens = (m.rows * m.seq) as f64;
     let layers = a.num_hidden_layers as f64;
     let mut parts = vec![];
     let mut part = |name, bytes: f64, how: String| parts.push(Part { name, bytes, how });
 
-    part("weights", (p_model + if m.lora.is_some() { p_train } else { 0.0 }) * e, format!("{p_model:.3e} parameters x {e} B"));
+    part(
+        "weights",
+        (p_model + if m.lora.is_some() { p_train } else { 0.0 }) * e,
+        format!("{p_model:.3e} parameters x {e} B"),
+    );
     part("gradients", p_train * e, format!("{p_train:.3e} trainable x {e} B"));
     // AdamW moments are fp32 (8 B a parameter); fp32 masters only when computing in bf16.
     let masters = if m.compute_bytes == 4 { 0.0 } else { 4.0 };
@@ -166,7 +172,7 @@ pub fn predict(m: &MemoryInputs) -> MemoryPlan {
     // The loss chunk: logits in the compute dtype and in fp32, log-softmax kept for backward, and the
     // fp32 gradient of the logits (plus its compute-dtype copy in bf16); the final norm's output too.
     let v = a.vocab_size as f64;
-    let n = m.loss_positions as f64;
+    let n = m.loss_chunk.min(m.rows * m.seq) as f64;
     let per_position = if m.compute_bytes == 4 { 12.0 } else { 16.0 };
     part(
         "loss chunk",
@@ -180,8 +186,7 @@ pub fn predict(m: &MemoryInputs) -> MemoryPlan {
     };
     part("gradient buckets", buckets, format!("at most {} fp32 buckets in flight", crate::dist::buckets::IN_FLIGHT));
     let tensors: f64 = parts.iter().map(|p| p.bytes).sum();
-    let (runtime, frag) =
-        if m.cuda { (CUDA_RUNTIME, FRAGMENTATION_CUDA) } else { (CPU_RUNTIME, FRAGMENTATION_CPU) };
+    let (runtime, frag) = if m.cuda { (CUDA_RUNTIME, FRAGMENTATION_CUDA) } else { (CPU_RUNTIME, FRAGMENTATION_CPU) };
     parts.push(Part {
         name: "allowance",
         bytes: runtime + frag * tensors,
@@ -189,6 +194,97 @@ pub fn predict(m: &MemoryInputs) -> MemoryPlan {
     });
     let total = parts.iter().map(|p| p.bytes).sum();
     MemoryPlan { parts, total }
+}
+
+/// The planner's inputs for a resolved plan on `device` in `kind`.
+pub fn inputs_for<'a>(
+    plan: &crate::plan::Plan,
+    arch: &'a LlamaConfig,
+    kind: tch::Kind,
+    device: tch::Device,
+    loss_chunk: usize,
+) -> MemoryInputs<'a> {
+    let t = &plan.config.train;
+    MemoryInputs {
+        arch,
+        compute_bytes: if kind == tch::Kind::BFloat16 { 2 } else { 4 },
+        lora: plan.lora.as_ref().map(|l| (l.r, l.targets().unwrap_or_default(), l.dropout > 0.0)),
+        checkpointing: plan.checkpointing,
+        rows: t.micro_batch_size,
+        seq: plan.config.data.max_seq_len,
+        loss_chunk,
+        world: plan.world_size,
+        bucket_bytes: (t.bucket_mb * (1 << 20) as f64) as usize,
+        cuda: device.is_cuda(),
+    }
+}
+
+/// A change of config (as `--set` arguments) and the peak predicted with it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Knob {
+    pub set: Vec<String>,
+    pub predicted: f64,
+}
+
+/// The single changes that bring the prediction under `budget` bytes, smallest change first: activation
+/// checkpointing, a micro-batch of one row, bf16, LoRA (r = 16 on every linear), shorter rows (halved
+/// until they fit, at least 256 tokens). When none does alone, all of them together (if that fits).
+pub fn knobs_that_fit(m: &MemoryInputs, budget: f64) -> Vec<Knob> {
+    let mut tried: Vec<(Vec<String>, MemoryInputs)> = vec![];
+    if m.checkpointing == Checkpointing::None {
+        tried.push((
+            vec!["train.activation_checkpointing=full".into()],
+            MemoryInputs { checkpointing: Checkpointing::Full, ..m.clone() },
+        ));
+    }
+    if m.rows > 1 {
+        tried.push((vec!["train.micro_batch_size=1".into()], MemoryInputs { rows: 1, ..m.clone() }));
+    }
+    if m.compute_bytes == 4 {
+        tried.push((vec!["model.dtype=bf16".into()], MemoryInputs { compute_bytes: 2, ..m.clone() }));
+    }
+    if m.lora.is_none() {
+        let lora = Some((16, crate::lora::LINEAR_NAMES.to_vec(), true));
+        tried.push((vec!["lora.enabled=true".into(), "lora.r=16".into()], MemoryInputs { lora, ..m.clone() }));
+    }
+    let mut seq = m.seq / 2;
+    while seq >= 256 {
+        let shorter = MemoryInputs { seq, ..m.clone() };
+        if predict(&shorter).total <= budget {
+            tried.push((vec![format!("data.max_seq_len={seq}")], shorter));
+            break;
+        }
+        seq /= 2;
+    }
+    let mut fits: Vec<Knob> = tried
+        .iter()
+        .map(|(set, i)| Knob { set: set.clone(), predicted: predict(i).total })
+        .filter(|k| k.predicted <= budget)
+        .collect();
+    if fits.is_empty() && tried.len() > 1 {
+        let mut all = m.clone();
+        let mut set = vec![];
+        for (s, i) in &tried {
+            set.extend(s.iter().cloned());
+            all = MemoryInputs {
+                checkpointing: if i.checkpointing == Checkpointing::Full {
+                    Checkpointing::Full
+                } else {
+                    all.checkpointing
+                },
+                rows: all.rows.min(i.rows),
+                compute_bytes: all.compute_bytes.min(i.compute_bytes),
+                lora: all.lora.clone().or(i.lora.clone()),
+                seq: all.seq.min(i.seq),
+                ..all
+            };
+        }
+        let predicted = predict(&all).total;
+        if predicted <= budget {
+            fits.push(Knob { set, predicted });
+        }
+    }
+    fits
 }
 
 impl MemoryPlan {
@@ -225,8 +321,9 @@ mod tests {
             compute_bytes: 2,
             lora: None,
             checkpointing: Checkpointing::Full,
-            tokens: 8192,
-            loss_positions: 523,
+            rows: 1,
+            seq: 8192,
+            loss_chunk: 523,
             world: 1,
             bucket_bytes: 25 << 20,
             cuda: true,

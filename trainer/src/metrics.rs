@@ -116,6 +116,22 @@ pub fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
+/// Total memory of `device`: the GPU's (through the CUDA driver) or the host's MemTotal on CPU; None
+/// when it cannot be read.
+pub fn device_total_bytes(device: tch::Device) -> Option<u64> {
+    match device {
+        tch::Device::Cuda(ordinal) => {
+            let ctx = cudarc::driver::CudaContext::new(ordinal).ok()?;
+            ctx.mem_get_info().ok().map(|(_, total)| total as u64)
+        }
+        _ => {
+            let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+            let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+        }
+    }
+}
+
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;

@@ -246,7 +246,7 @@ fn set_up<'a>(
             n => n,
         },
     };
-    let predicted = memory::predict(&memory_inputs(&plan, &arch, kind, device, step_opts.loss_chunk));
+    let predicted = memory::predict(&memory::inputs_for(&plan, &arch, kind, device, step_opts.loss_chunk));
     if lead {
         let plan_path = run_dir.join("plan.json");
         std::fs::write(&plan_path, serde_json::to_string_pretty(&plan).expect("plan serializes"))
@@ -254,6 +254,20 @@ fn set_up<'a>(
         let config_path = run_dir.join("config.toml");
         std::fs::write(&config_path, cfg.to_toml()).map_err(Error::io(&config_path))?;
         log_plan(&plan, &cfg, &step_opts, &predicted);
+        if let Some(total) = crate::metrics::device_total_bytes(device).map(|b| b as f64) {
+            if predicted.total > total {
+                let inputs = memory::inputs_for(&plan, &arch, kind, device, step_opts.loss_chunk);
+                let knobs: Vec<String> =
+                    memory::knobs_that_fit(&inputs, total).iter().map(|k| k.set.join(" ")).collect();
+                tracing::warn!(
+                    "the predicted peak ({:.2} GB) exceeds {}'s {:.2} GB; hint: `ferrotune plan` lists what fits{}",
+                    predicted.total / 1e9,
+                    cfg.model.device,
+                    total / 1e9,
+                    if knobs.is_empty() { String::new() } else { format!(", e.g. --set {}", knobs[0]) }
+                );
+            }
+        }
     }
     tracing::debug!(rank, world, "joined");
     // What an earlier attempt logged after this run's starting point (its checkpoint, or step 0 for a
@@ -288,7 +302,18 @@ fn set_up<'a>(
     } else {
         170e9
     };
-    let buckets = GradBuckets::new(&trainer.trainable, trainer.model.layers.len(), bucket_bytes(&plan));
+    let buckets = GradBuckets::new(
+        &trainer.trainable,
+        trainer.model.layers.len(),
+        (plan.config.train.bucket_mb * (1 << 20) as f64) as usize,
+    );
+    if lead && world > 1 {
+        tracing::info!(
+            "gradients in {} buckets of at most {} MiB, each summed over {world} ranks as soon as backward has made it final",
+            buckets.len(),
+            plan.config.train.bucket_mb
+        );
+    }
     // From here the memory figure is the training's: loading's transient peak (mapped checkpoint files
     // beside the weights) is not what the planner predicts.
     crate::metrics::reset_peak_rss();
@@ -314,34 +339,6 @@ fn set_up<'a>(
         final_qa: None,
         cfg,
     })
-}
-
-/// `train.bucket_mb` in bytes.
-fn bucket_bytes(plan: &Plan) -> usize {
-    (plan.config.train.bucket_mb * (1 << 20) as f64) as usize
-}
-
-/// The memory planner's inputs for a resolved plan. Positions in one loss chunk: at most the chunk,
-/// and at most the micro-batch's tokens (every one trained, the worst case).
-pub fn memory_inputs<'a>(
-    plan: &Plan,
-    arch: &'a crate::LlamaConfig,
-    kind: Kind,
-    device: Device,
-    loss_chunk: usize,
-) -> memory::MemoryInputs<'a> {
-    let tokens = plan.config.train.micro_batch_size * plan.config.data.max_seq_len;
-    memory::MemoryInputs {
-        arch,
-        compute_bytes: if kind == Kind::BFloat16 { 2 } else { 4 },
-        lora: plan.lora.as_ref().map(|l| (l.r, l.targets().unwrap_or_default(), l.dropout > 0.0)),
-        checkpointing: plan.checkpointing,
-        tokens,
-        loss_positions: loss_chunk.min(tokens),
-        world: plan.world_size,
-        bucket_bytes: bucket_bytes(plan),
-        cuda: device.is_cuda(),
-    }
 }
 
 fn log_plan(plan: &Plan, cfg: &RunConfig, step_opts: &StepOptions, predicted: &memory::MemoryPlan) {
@@ -480,10 +477,17 @@ fn evaluate(run: &mut Run, enc: &Encoder, logger: &mut dyn Logger) -> Result<()>
     tracing::info!("step {step}: validation loss {v:.4}");
     run.final_val = Some(v);
     if cfg.eval.coqa {
-        let convs =
-            ferrotune_data::coqa::read_conversations(&cfg.data.validation).map_err(|e| Error::Invalid(e.to_string()))?;
-        let s = crate::eval::coqa(&run.trainer.model, enc, &convs, cfg.eval.max_new_tokens, cfg.eval.batch_size, &|_, _| {})
-            .map_err(Error::Invalid)?;
+        let convs = ferrotune_data::coqa::read_conversations(&cfg.data.validation)
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        let s = crate::eval::coqa(
+            &run.trainer.model,
+            enc,
+            &convs,
+            cfg.eval.max_new_tokens,
+            cfg.eval.batch_size,
+            &|_, _| {},
+        )
+        .map_err(Error::Invalid)?;
         logger.scalars(step, &[("eval/em", s.em), ("eval/f1", s.f1)]);
         tracing::info!("step {step}: CoQA EM {:.1} F1 {:.1} ({} questions)", s.em, s.f1, s.questions);
         run.final_qa = Some((s.em, s.f1));

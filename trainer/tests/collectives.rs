@@ -1,7 +1,8 @@
 //! The CPU ring on 3 ranks (threads of this process, real TCP on loopback, rendezvous through the
 //! store): all-reduce sum and average of buffers whose length is 0, smaller than the world, not a
-//! multiple of it and large (several receive pieces), broadcast, all-gather and barrier. Values are
-//! small integers, so sums are exact and compared with ==.
+//! multiple of it and large (several receive pieces), broadcast, all-gather and barrier; and reductions
+//! started without waiting (as during backward), several in flight, then a blocking one behind them.
+//! Values are small integers, so sums are exact and compared with ==.
 
 use ferrotune_launcher::store::{StoreClient, StoreServer};
 use ferrotune_trainer::dist::ring::Ring;
@@ -40,6 +41,27 @@ fn ring_collectives_on_three_ranks() {
                 ring.all_reduce_f64(&mut v).unwrap();
                 assert_eq!(v, [3.0, 3.0]);
                 ring.barrier().unwrap();
+                // Started reductions proceed on the ring's thread while this one goes on; a blocking
+                // call issued after them waits its turn, and wait_started collects the rest.
+                let started: Vec<Tensor> = sizes
+                    .iter()
+                    .map(|&n| {
+                        let x = (Tensor::arange(n as i64, (Kind::Float, Device::Cpu)) * (rank + 1) as f64).contiguous();
+                        ring.start_all_reduce_sum(&x).unwrap();
+                        x
+                    })
+                    .collect();
+                let mut v = [1.0, rank as f64];
+                ring.all_reduce_f64(&mut v).unwrap();
+                assert_eq!(v, [3.0, 3.0]);
+                let late = Tensor::ones([5], (Kind::Float, Device::Cpu));
+                ring.start_all_reduce_sum(&late).unwrap();
+                ring.wait_started().unwrap();
+                for (x, &n) in started.iter().zip(&sizes) {
+                    let expected = Tensor::arange(n as i64, (Kind::Float, Device::Cpu)) * 6.0;
+                    assert!(x.equal(&expected), "started sum of {n} elements on rank {rank}");
+                }
+                assert!(late.equal(&(Tensor::ones([5], (Kind::Float, Device::Cpu)) * 3.0)));
             })
         })
         .collect();

@@ -4,9 +4,9 @@
 mod common;
 
 use common::*;
+use ferrotune_trainer::learner::Trainer;
 use ferrotune_trainer::lora::{self, LoraConfig};
 use ferrotune_trainer::optim::AdamWConfig;
-use ferrotune_trainer::learner::Trainer;
 use ferrotune_trainer::{load_model, weights};
 use tch::{Device, Kind, Tensor};
 

@@ -97,11 +97,8 @@ fn compare(trainer: &Trainer, kind: Kind) {
                 .unwrap();
             let (loss, grads) = take_grads(trainer, sum);
             let layers = trainer.model.layers.len();
-            let expected: Vec<Stage> = [Stage::Head]
-                .into_iter()
-                .chain((0..layers).rev().map(Stage::Layer))
-                .chain([Stage::Embed])
-                .collect();
+            let expected: Vec<Stage> =
+                [Stage::Head].into_iter().chain((0..layers).rev().map(Stage::Layer)).chain([Stage::Embed]).collect();
             assert_eq!(stages, expected, "stages report in backward order");
             let loss_diff = (loss - ref_loss).abs() / ref_loss.abs();
             let (mut worst, mut worst_element): (f64, f64) = (0.0, 0.0);

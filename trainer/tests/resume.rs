@@ -1,6 +1,6 @@
 //! Exact resume: 10 steps, stop, resume, 10 more give the same loss at every step and bit-identical
 //! weights as 20 steps straight (LoRA with dropout, so the RNG matters; and full fine-tuning in bf16 with
-//! fp32 master weights). A non-finite loss stops the run before the update and leaves the last good
+//! fp32 master weights), with and without activation checkpointing. A non-finite loss stops the run before the update and leaves the last good
 //! checkpoint intact.
 
 mod common;
@@ -65,11 +65,16 @@ fn losses(run_dir: &Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
-fn check_resume(lora: bool, dtype: &str) {
+fn check_resume(lora: bool, dtype: &str, checkpointing: &str) {
     let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
-    let straight = run(&config(tmp.path(), "straight", lora, dtype), false, None);
-    let c = config(tmp.path(), "split", lora, dtype);
+    let with = |name: &str| {
+        let mut c = config(tmp.path(), name, lora, dtype);
+        c.train.activation_checkpointing = checkpointing.into();
+        c
+    };
+    let straight = run(&with("straight"), false, None);
+    let c = with("split");
     let first = run(&c, false, Some(10));
     assert_eq!((first.steps, first.export_dir.is_none()), (10, true));
     let second = run(&c, true, None);
@@ -115,12 +120,33 @@ fn a_crash_after_the_last_checkpoint_leaves_no_repeated_steps() {
 
 #[test]
 fn lora_ten_plus_ten_equals_twenty() {
-    check_resume(true, "fp32");
+    check_resume(true, "fp32", "none");
 }
 
 #[test]
 fn full_bf16_ten_plus_ten_equals_twenty() {
-    check_resume(false, "bf16");
+    check_resume(false, "bf16", "none");
+}
+
+/// With activation checkpointing every layer runs twice per step (dropout masks replayed): resume is
+/// still exact, and the run equals the one without checkpointing to 1e-6.
+#[test]
+fn checkpointed_ten_plus_ten_equals_twenty_and_equals_no_checkpointing() {
+    check_resume(true, "fp32", "full");
+    check_resume(false, "bf16", "full");
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let curves: Vec<Vec<(u64, f64)>> = ["none", "full"]
+        .iter()
+        .map(|mode| {
+            let mut c = config(tmp.path(), mode, true, "fp32");
+            c.train.activation_checkpointing = mode.to_string();
+            losses(&run(&c, false, None).run_dir)
+        })
+        .collect();
+    for (a, b) in curves[0].iter().zip(&curves[1]) {
+        assert!((a.1 - b.1).abs() <= 1e-6 * a.1, "none {a:?} vs full {b:?}");
+    }
 }
 
 #[test]

@@ -10,11 +10,11 @@
 mod common;
 
 use common::*;
-use ferrotune_trainer::lora::LoraConfig;
-use ferrotune_trainer::optim::AdamWConfig;
 use ferrotune_trainer::batch::BatchTensors;
 use ferrotune_trainer::layerwise::{Checkpointing, StepOptions};
 use ferrotune_trainer::learner::Trainer;
+use ferrotune_trainer::lora::LoraConfig;
+use ferrotune_trainer::optim::AdamWConfig;
 use tch::{Device, Kind, Tensor};
 
 const LR: f64 = 1e-3;

@@ -58,7 +58,13 @@ impl GradBuckets {
                 }
             }
         }
-        GradBuckets { params: params.iter().map(|(_, t)| t.shallow_clone()).collect(), buckets, next: 0, written: 0, layers }
+        GradBuckets {
+            params: params.iter().map(|(_, t)| t.shallow_clone()).collect(),
+            buckets,
+            next: 0,
+            written: 0,
+            layers,
+        }
     }
 
     /// Number of buckets (for logs and tests).

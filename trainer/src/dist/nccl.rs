@@ -14,8 +14,8 @@ use super::Collective;
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaContext, CudaStream};
 use cudarc::nccl::{result, sys};
-use std::sync::Arc;
 use ferrotune_launcher::store::StoreClient;
+use std::sync::Arc;
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};
 

@@ -3,6 +3,7 @@
 pub mod eval;
 pub mod generate;
 pub mod inspect;
+pub mod plan;
 pub mod train;
 
 use ferrotune::cli::Command;
@@ -13,6 +14,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Inspect(args) => inspect::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Train(args) => train::run(args),
+        Command::Plan(args) => plan::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Export(args) => eval::export(args),
         other => ferrotune::data_commands::run(other),
