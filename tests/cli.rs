@@ -22,8 +22,8 @@ fn help_documents_every_subcommand() {
     let (out, _) = text(&o);
     assert!(o.status.success());
     for sub in [
-        "inspect", "generate", "train", "launch", "sweep", "report", "eval", "export", "check", "preview", "prepare",
-        "convert",
+        "inspect", "generate", "train", "plan", "launch", "sweep", "report", "eval", "export", "check", "preview",
+        "prepare", "convert",
     ] {
         assert!(out.contains(sub), "{out}");
     }
@@ -43,6 +43,10 @@ fn help_documents_every_subcommand() {
     let (out, _) = text(&ferrotune(&["sweep", "--help"]));
     for flag in ["--parallel", "--dry-run", "--set"] {
         assert!(out.contains(flag), "sweep --help lacks {flag}: {out}");
+    }
+    let (out, _) = text(&ferrotune(&["plan", "--help"]));
+    for flag in ["--world", "--device-memory", "--set", "--json"] {
+        assert!(out.contains(flag), "plan --help lacks {flag}: {out}");
     }
     let (out, _) = text(&ferrotune(&["generate", "--help"]));
     for flag in ["--model", "--chat", "--system", "--max-new-tokens", "--dtype", "--device"] {

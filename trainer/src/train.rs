@@ -237,6 +237,17 @@ fn set_up<'a>(
     let lead = rank == 0;
     let kind = parse_kind(&cfg.model.dtype)?;
     let device = parse_device(&cfg.model.device)?;
+    if train_cache.rows() == 0 {
+        return Err(Error::Invalid(format!(
+            "data.train {}: no row to train on: every conversation was dropped, none having a token to train under strategy `{}` within data.max_seq_len = {}; hint: `ferrotune check {} --model {} --max-seq-len {}` shows the lengths and trained fractions",
+            cfg.data.train.display(),
+            cfg.data.strategy,
+            cfg.data.max_seq_len,
+            cfg.data.train.display(),
+            cfg.model.path.display(),
+            cfg.data.max_seq_len
+        )));
+    }
     let plan: Plan = plan::resolve(cfg.clone(), train_cache.rows(), world)?;
     let arch = crate::LlamaConfig::from_dir(&cfg.model.path)?;
     let step_opts = StepOptions {

@@ -5,6 +5,7 @@ use clap::Parser;
 use ferrotune::cli::Cli;
 use std::process::ExitCode;
 
+mod alloc;
 mod commands;
 
 fn main() -> ExitCode {
