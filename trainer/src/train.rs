@@ -139,6 +139,8 @@ struct Run<'a> {
     /// Peak FLOP/s of one rank, the MFU's denominator.
     peak: f64,
     memory: PeakMemory,
+    /// The planner's peak for this run (rank 0), logged beside the measured one.
+    predicted: Option<f64>,
     window: Window,
     final_val: Option<f64>,
     final_qa: Option<(f64, f64)>,
@@ -234,76 +236,15 @@ fn set_up<'a>(
     logger: &mut dyn Logger,
 ) -> Result<Run<'a>> {
     let (rank, world) = (coll.rank(), coll.world());
-    let lead = rank == 0;
-    let kind = parse_kind(&cfg.model.dtype)?;
-    let device = parse_device(&cfg.model.device)?;
-    if train_cache.rows() == 0 {
-        return Err(Error::Invalid(format!(
-            "data.train {}: no row to train on: every conversation was dropped, none having a token to train under strategy `{}` within data.max_seq_len = {}; hint: `ferrotune check {} --model {} --max-seq-len {}` shows the lengths and trained fractions",
-            cfg.data.train.display(),
-            cfg.data.strategy,
-            cfg.data.max_seq_len,
-            cfg.data.train.display(),
-            cfg.model.path.display(),
-            cfg.data.max_seq_len
-        )));
-    }
-    let plan: Plan = plan::resolve(cfg.clone(), train_cache.rows(), world)?;
-    let arch = crate::LlamaConfig::from_dir(&cfg.model.path)?;
-    let step_opts = StepOptions {
-        checkpointing: plan.checkpointing,
-        loss_chunk: match cfg.train.loss_chunk_tokens {
-            0 => layerwise::default_loss_chunk(arch.vocab_size),
-            n => n,
-        },
-    };
-    let predicted = memory::predict(&memory::inputs_for(&plan, &arch, kind, device, step_opts.loss_chunk));
-    if lead {
-        let plan_path = run_dir.join("plan.json");
-        std::fs::write(&plan_path, serde_json::to_string_pretty(&plan).expect("plan serializes"))
-            .map_err(Error::io(&plan_path))?;
-        let config_path = run_dir.join("config.toml");
-        std::fs::write(&config_path, cfg.to_toml()).map_err(Error::io(&config_path))?;
-        log_plan(&plan, &cfg, &step_opts, &predicted);
-        if let Some(total) = crate::metrics::device_total_bytes(device).map(|b| b as f64) {
-            if predicted.total > total {
-                let inputs = memory::inputs_for(&plan, &arch, kind, device, step_opts.loss_chunk);
-                let knobs: Vec<String> =
-                    memory::knobs_that_fit(&inputs, total).iter().map(|k| k.set.join(" ")).collect();
-                tracing::warn!(
-                    "the predicted peak ({:.2} GB) exceeds {}'s {:.2} GB; hint: `ferrotune plan` lists what fits{}",
-                    predicted.total / 1e9,
-                    cfg.model.device,
-                    total / 1e9,
-                    if knobs.is_empty() { String::new() } else { format!(", e.g. --set {}", knobs[0]) }
-                );
-            }
-        }
-    }
+    let (plan, step_opts, predicted) = resolve_plan(&cfg, &run_dir, train_cache, world, rank == 0)?;
     tracing::debug!(rank, world, "joined");
     // What an earlier attempt logged after this run's starting point (its checkpoint, or step 0 for a
     // fresh start in a run directory left by a crash before the first checkpoint) is dropped.
     logger.starts_after(existing.as_ref().map_or(0, |(s, _)| *s));
     logger.text("config", &format!("```toml\n{}```", cfg.to_toml()));
-
+    let (trainer, loader, step, last_loss) = load_and_resume(&cfg, &plan, train_cache, existing, opts, coll)?;
+    let (kind, device) = (trainer.model.kind(), trainer.model.device());
     let t = &cfg.train;
-    let adamw = AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay };
-    let mut trainer = Trainer::new(&cfg.model.path, kind, device, plan.lora.clone(), adamw, t.seed)?;
-    let mut everything = trainer.model.named_parameters().into_iter().map(|(_, p)| p).collect::<Vec<_>>();
-    everything.extend(trainer.trainable.iter().map(|(_, p)| p.shallow_clone()));
-    dist::verify_same_weights(coll, &everything)?;
-    drop(everything);
-    let mut loader = Loader::new(train_cache, rank, world, t.seed, t.micro_batch_size);
-    let (mut step, mut last_loss) = (0u64, f64::NAN);
-    if let Some((s, dir)) = existing.filter(|_| opts.resume) {
-        checkpoint::load_named(&dir.join("trainable.safetensors"), &trainer.trainable)?;
-        trainer.opt.load(&dir)?;
-        let state = checkpoint::read_state(&dir)?;
-        loader.restore(state.loader);
-        step = s;
-        last_loss = state.last_loss;
-        tracing::info!("resumed from {} (step {s}, loss {last_loss:.4})", dir.display());
-    }
     let peak = if t.peak_flops > 0.0 {
         t.peak_flops
     } else if device.is_cuda() {
@@ -313,16 +254,12 @@ fn set_up<'a>(
     } else {
         170e9
     };
-    let buckets = GradBuckets::new(
-        &trainer.trainable,
-        trainer.model.layers.len(),
-        (plan.config.train.bucket_mb * (1 << 20) as f64) as usize,
-    );
-    if lead && world > 1 {
+    let buckets = GradBuckets::new(&trainer.trainable, trainer.model.layers.len(), (t.bucket_mb * (1 << 20) as f64) as usize);
+    if rank == 0 && world > 1 {
         tracing::info!(
             "gradients in {} buckets of at most {} MiB, each summed over {world} ranks as soon as backward has made it final",
             buckets.len(),
-            plan.config.train.bucket_mb
+            t.bucket_mb
         );
     }
     // From here the memory figure is the training's: loading's transient peak (mapped checkpoint files
@@ -331,7 +268,7 @@ fn set_up<'a>(
     Ok(Run {
         plan,
         run_dir,
-        lead,
+        lead: rank == 0,
         world,
         rank,
         device,
@@ -345,11 +282,100 @@ fn set_up<'a>(
         buckets,
         peak,
         memory: PeakMemory::new(device),
+        predicted,
         window: Window::new(),
         final_val: None,
         final_qa: None,
         cfg,
     })
+}
+
+/// The plan and the step's options; rank 0 saves the plan and config with the run and prints them
+/// with the predicted peak memory (returned), warning when it exceeds the device.
+fn resolve_plan(
+    cfg: &RunConfig,
+    run_dir: &Path,
+    train_cache: &TokenCache,
+    world: usize,
+    lead: bool,
+) -> Result<(Plan, StepOptions, Option<f64>)> {
+    if train_cache.rows() == 0 {
+        return Err(Error::Invalid(format!(
+            "data.train {}: no row to train on: every conversation was dropped, none having a token to train under strategy `{}` within data.max_seq_len = {}; hint: `ferrotune check {} --model {} --max-seq-len {}` shows the lengths and trained fractions",
+            cfg.data.train.display(),
+            cfg.data.strategy,
+            cfg.data.max_seq_len,
+            cfg.data.train.display(),
+            cfg.model.path.display(),
+            cfg.data.max_seq_len
+        )));
+    }
+    let (kind, device) = (parse_kind(&cfg.model.dtype)?, parse_device(&cfg.model.device)?);
+    let plan: Plan = plan::resolve(cfg.clone(), train_cache.rows(), world)?;
+    let arch = crate::LlamaConfig::from_dir(&cfg.model.path)?;
+    let step_opts = StepOptions {
+        checkpointing: plan.checkpointing,
+        loss_chunk: match cfg.train.loss_chunk_tokens {
+            0 => layerwise::default_loss_chunk(arch.vocab_size),
+            n => n,
+        },
+    };
+    if !lead {
+        return Ok((plan, step_opts, None));
+    }
+    let plan_path = run_dir.join("plan.json");
+    std::fs::write(&plan_path, serde_json::to_string_pretty(&plan).expect("plan serializes"))
+        .map_err(Error::io(&plan_path))?;
+    let config_path = run_dir.join("config.toml");
+    std::fs::write(&config_path, cfg.to_toml()).map_err(Error::io(&config_path))?;
+    let mut inputs = memory::inputs_for(&plan, &arch, kind, device, step_opts.loss_chunk);
+    let most = (0..train_cache.rows()).map(|r| train_cache.labels(r).iter().filter(|&&l| l != -100).count()).max();
+    inputs.trained = most.map(|n| n * cfg.train.micro_batch_size);
+    let predicted = memory::predict(&inputs);
+    log_plan(&plan, cfg, &step_opts, &predicted);
+    if let Some(total) = crate::metrics::device_total_bytes(device).map(|b| b as f64).filter(|&t| predicted.total > t) {
+        let knobs: Vec<String> = memory::knobs_that_fit(&inputs, total).iter().map(|k| k.set.join(" ")).collect();
+        tracing::warn!(
+            "the predicted peak ({:.2} GB) exceeds {}'s {:.2} GB; hint: `ferrotune plan` lists what fits{}",
+            predicted.total / 1e9,
+            cfg.model.device,
+            total / 1e9,
+            if knobs.is_empty() { String::new() } else { format!(", e.g. --set {}", knobs[0]) }
+        );
+    }
+    Ok((plan, step_opts, Some(predicted.total)))
+}
+
+/// The model and optimizer (the same weights on every rank, checked), this rank's loader, and, with
+/// `--resume`, the trainable tensors, optimizer state and data position of the checkpoint.
+fn load_and_resume<'a>(
+    cfg: &RunConfig,
+    plan: &Plan,
+    train_cache: &'a TokenCache,
+    existing: Option<(u64, PathBuf)>,
+    opts: &RunOptions,
+    coll: &mut dyn Collective,
+) -> Result<(Trainer, Loader<'a>, u64, f64)> {
+    let t = &cfg.train;
+    let (kind, device) = (parse_kind(&cfg.model.dtype)?, parse_device(&cfg.model.device)?);
+    let adamw = AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay };
+    let mut trainer = Trainer::new(&cfg.model.path, kind, device, plan.lora.clone(), adamw, t.seed)?;
+    let mut everything = trainer.model.named_parameters().into_iter().map(|(_, p)| p).collect::<Vec<_>>();
+    everything.extend(trainer.trainable.iter().map(|(_, p)| p.shallow_clone()));
+    dist::verify_same_weights(coll, &everything)?;
+    drop(everything);
+    let mut loader = Loader::new(train_cache, coll.rank(), coll.world(), t.seed, t.micro_batch_size);
+    let (mut step, mut last_loss) = (0u64, f64::NAN);
+    if let Some((s, dir)) = existing.filter(|_| opts.resume) {
+        checkpoint::load_named(&dir.join("trainable.safetensors"), &trainer.trainable)?;
+        trainer.opt.load(&dir)?;
+        let state = checkpoint::read_state(&dir)?;
+        loader.restore(state.loader);
+        step = s;
+        last_loss = state.last_loss;
+        tracing::info!("resumed from {} (step {s}, loss {last_loss:.4})", dir.display());
+    }
+    Ok((trainer, loader, step, last_loss))
 }
 
 fn log_plan(plan: &Plan, cfg: &RunConfig, step_opts: &StepOptions, predicted: &memory::MemoryPlan) {
@@ -457,6 +483,7 @@ fn log_step(run: &mut Run, s: &StepDone, coll: &mut dyn Collective, logger: &mut
         ("train/epoch", step as f64 / run.plan.steps_per_epoch as f64),
     ];
     vals.extend(mem.map(|gb| ("train/peak_mem_gb", gb)));
+    vals.extend(run.predicted.map(|b| ("train/predicted_mem_gb", b / 1e9)));
     logger.scalars(step, &vals);
     if run.world > 1 && run.lead {
         let named: Vec<(String, f64)> =
