@@ -55,7 +55,7 @@ fn ours(model: &Path, rows: &Path, mode: &str, dtype: &str) -> Value {
     let mut trainer = Trainer::new(model, kind_of(dtype), Device::Cpu, lora, adamw, 0).unwrap();
     let checkpointing: String = env_or("BENCH_CHECKPOINTING", "none".to_string());
     let opts = StepOptions {
-        checkpointing: Checkpointing::parse(&checkpointing).expect("BENCH_CHECKPOINTING is none or full"),
+        checkpointing: Checkpointing::parse(&checkpointing, 2).expect("BENCH_CHECKPOINTING is none, full or selective"),
         loss_chunk: default_loss_chunk(trainer.model.config.vocab_size),
     };
     let (steps, seq) = t["input_ids"].size2().unwrap();

@@ -6,7 +6,7 @@
 //! ```
 //!
 //! each run on a *detached* input. Forward keeps per layer either its graph (`Checkpointing::None`) or
-//! only its input (`Full`: run under `no_grad`, recomputed in backward). Backward goes top down: the
+//! only its input (`Full`: run under `no_grad`, recomputed in backward; `Every(k)`: every k-th layer). Backward goes top down: the
 //! loss stage leaves `x_L.grad`; for each layer below, the vector-Jacobian product
 //! `(out * grad_out).sum().backward()` accumulates that layer's parameter gradients and leaves the
 //! input's `.grad` for the layer below. After each stage's backward its gradients are final, and
@@ -34,15 +34,34 @@ pub enum Checkpointing {
     None,
     /// Only the layer's input (B, T, C); the layer runs again in backward.
     Full,
+    /// Layers 0, k, 2k, … as `Full`, the others as `None` (torchtitan's selective per-layer mode):
+    /// 1/k of the recompute for 1/k of the savings.
+    Every(usize),
 }
 
 impl Checkpointing {
-    pub fn parse(s: &str) -> Option<Self> {
+    /// `none`, `full`, or `selective` (with `every`, k >= 1).
+    pub fn parse(s: &str, every: usize) -> Option<Self> {
         match s {
             "none" => Some(Checkpointing::None),
             "full" => Some(Checkpointing::Full),
+            "selective" if every >= 1 => Some(Checkpointing::Every(every)),
             _ => None,
         }
+    }
+
+    /// Whether layer `i` is recomputed in backward.
+    pub fn recomputes(self, i: usize) -> bool {
+        match self {
+            Checkpointing::None => false,
+            Checkpointing::Full => true,
+            Checkpointing::Every(k) => i.is_multiple_of(k),
+        }
+    }
+
+    /// How many of `layers` layers are recomputed.
+    pub fn recomputed(self, layers: usize) -> usize {
+        (0..layers).filter(|&i| self.recomputes(i)).count()
     }
 }
 
@@ -122,14 +141,14 @@ pub fn forward_backward(
     for i in 0..n_layers {
         // Layer 0's input needs a gradient only to reach trainable embeddings.
         let wants_grad = i > 0 || embed_trains;
-        let out = match opts.checkpointing {
-            Checkpointing::None => {
+        let out = match opts.checkpointing.recomputes(i) {
+            false => {
                 let input = if wants_grad { x.detach().set_requires_grad(true) } else { x.detach() };
                 let out = model.layer(i, &input, &rope, &b.attend);
                 kept.push(Kept { input, output: Some(out.shallow_clone()) });
                 out
             }
-            Checkpointing::Full => {
+            true => {
                 let out = tch::no_grad(|| model.layer(i, &x, &rope, &b.attend));
                 kept.push(Kept { input: x, output: None });
                 out

@@ -170,19 +170,20 @@ pub fn predict(m: &MemoryInputs) -> MemoryPlan {
         format!("{p_train:.3e} x (8 B moments{})", if masters > 0.0 { " + 4 B fp32 masters" } else { "" }),
     );
     let per_layer = layer_bytes_per_token(a, m.compute_bytes, m.lora.as_ref());
-    let kept = match m.checkpointing {
-        // Every layer's graph.
-        Checkpointing::None => layers * per_layer * tokens,
-        // Every layer's input, plus one layer's graph while it is recomputed.
-        Checkpointing::Full => layers * e * a.hidden_size as f64 * tokens + per_layer * tokens,
-    };
+    // Kept graphs of the layers not recomputed, inputs of those recomputed, and one recomputed layer's
+    // graph at a time during backward.
+    let recomputed = m.checkpointing.recomputed(a.num_hidden_layers as usize) as f64;
+    let graphs = (layers - recomputed) * per_layer * tokens;
+    let inputs = recomputed * e * a.hidden_size as f64 * tokens;
+    let one = if recomputed > 0.0 { per_layer * tokens } else { 0.0 };
     part(
         "activations",
-        kept,
-        match m.checkpointing {
-            Checkpointing::None => format!("{layers} layers x {:.0} B/token x {tokens} tokens", per_layer),
-            Checkpointing::Full => format!("{layers} layer inputs x {e}C B/token + one layer's graph, {tokens} tokens"),
-        },
+        graphs + inputs + one,
+        format!(
+            "{} layer graphs x {per_layer:.0} B/token, {recomputed} layer inputs x {e}C B/token{}, {tokens} tokens",
+            layers - recomputed,
+            if recomputed > 0.0 { " + one recomputed graph" } else { "" }
+        ),
     );
     part(
         "backward working set",
@@ -276,7 +277,7 @@ pub struct Knob {
 /// until they fit, at least 256 tokens). When none does alone, all of them together (if that fits).
 pub fn knobs_that_fit(m: &MemoryInputs, budget: f64) -> Vec<Knob> {
     let mut tried: Vec<(Vec<String>, MemoryInputs)> = vec![];
-    if m.checkpointing == Checkpointing::None {
+    if m.checkpointing != Checkpointing::Full {
         tried.push((
             vec!["train.activation_checkpointing=full".into()],
             MemoryInputs { checkpointing: Checkpointing::Full, ..m.clone() },

@@ -88,8 +88,12 @@ pub struct TrainSection {
     /// Peak FLOP/s the MFU is measured against (0: 170e9 fp32 / 740e9 bf16 on CPU, 989e12 on CUDA).
     pub peak_flops: f64,
     /// What backward keeps of each decoder layer: none (its whole graph), full (only its input; the
-    /// layer runs again in backward, about a third more compute), or auto (full on CUDA, none on CPU).
+    /// layer runs again in backward: a third more compute for full fine-tuning, half for LoRA),
+    /// selective (every `selective_every`-th layer as full, the others as none), or auto (full on
+    /// CUDA, none on CPU).
     pub activation_checkpointing: String,
+    /// With selective checkpointing: layers 0, k, 2k, ... are recomputed.
+    pub selective_every: usize,
     /// Most trained positions projected through lm_head at once (0: fp32 logits near 256 MiB a chunk).
     pub loss_chunk_tokens: usize,
     /// Size of the fp32 gradient buckets summed over ranks while backward runs, in MiB (as DDP's
@@ -168,6 +172,7 @@ impl Default for TrainSection {
             log_every: 1,
             peak_flops: 0.0,
             activation_checkpointing: "auto".into(),
+            selective_every: 2,
             loss_chunk_tokens: 0,
             bucket_mb: 25.0,
         }
@@ -262,15 +267,14 @@ pub struct Plan {
 
 /// `train.activation_checkpointing` for a run on `device` (cpu, cuda, cuda:N): auto is full on CUDA,
 /// where activations are what does not fit, and none on CPU, where memory is plentiful and time is not.
-pub fn checkpointing_for(value: &str, device: &str) -> Result<Checkpointing> {
+pub fn checkpointing_for(value: &str, every: usize, device: &str) -> Result<Checkpointing> {
+    let bad = |key: &str, msg: String| Error::Config { path: PathBuf::new(), key: key.into(), msg };
     match value {
         "auto" if device.starts_with("cuda") => Ok(Checkpointing::Full),
         "auto" => Ok(Checkpointing::None),
-        v => Checkpointing::parse(v).ok_or_else(|| Error::Config {
-            path: PathBuf::new(),
-            key: "train.activation_checkpointing".into(),
-            msg: format!("`{v}` is not none, full or auto"),
-        }),
+        "selective" if every == 0 => Err(bad("train.selective_every", "must be at least 1".into())),
+        v => Checkpointing::parse(v, every)
+            .ok_or_else(|| bad("train.activation_checkpointing", format!("`{v}` is not none, full, selective or auto"))),
     }
 }
 
@@ -373,7 +377,7 @@ pub fn resolve(config: RunConfig, rows: usize, world_size: usize) -> Result<Plan
         checkpoint_steps.push(total_steps);
     }
     let eval_steps = evenly_spaced(total_steps, config.eval.n_evals);
-    let checkpointing = checkpointing_for(&t.activation_checkpointing, &config.model.device)?;
+    let checkpointing = checkpointing_for(&t.activation_checkpointing, t.selective_every, &config.model.device)?;
     let run_dir = config.output.dir.join(&config.output.run_name);
     Ok(Plan {
         run_dir,
@@ -430,10 +434,14 @@ mod tests {
             "{err}"
         );
         assert_eq!(evenly_spaced(10, 3), vec![4, 7, 10]);
-        assert_eq!(checkpointing_for("auto", "cuda:1").unwrap(), Checkpointing::Full);
-        assert_eq!(checkpointing_for("auto", "cpu").unwrap(), Checkpointing::None);
-        assert_eq!(checkpointing_for("full", "cpu").unwrap(), Checkpointing::Full);
-        let err = checkpointing_for("some", "cpu").unwrap_err().to_string();
+        assert_eq!(checkpointing_for("auto", 2, "cuda:1").unwrap(), Checkpointing::Full);
+        assert_eq!(checkpointing_for("auto", 2, "cpu").unwrap(), Checkpointing::None);
+        assert_eq!(checkpointing_for("full", 2, "cpu").unwrap(), Checkpointing::Full);
+        assert_eq!(checkpointing_for("selective", 3, "cpu").unwrap(), Checkpointing::Every(3));
+        assert_eq!(Checkpointing::Every(3).recomputed(30), 10);
+        let err = checkpointing_for("selective", 0, "cpu").unwrap_err().to_string();
+        assert!(err.contains("train.selective_every"), "{err}");
+        let err = checkpointing_for("some", 2, "cpu").unwrap_err().to_string();
         assert!(err.contains("train.activation_checkpointing") && err.contains("`some`"), "{err}");
     }
 

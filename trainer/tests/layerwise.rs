@@ -2,7 +2,7 @@
 //! (`Trainer::micro_step`, itself pinned to transformers and peft in train_parity.rs): the same loss
 //! and gradients, for LoRA with dropout (tiny-llama, untied head) and for full fine-tuning (tiny-llama-bias:
 //! biases, tied embeddings, so lm_head's gradient lands in the embedding stage), fp32 and bf16, with
-//! activation checkpointing none and full, and loss chunks of 1, 7, N and more than N positions, on
+//! activation checkpointing none, full and selective (every 2nd layer), and loss chunks of 1, 7, N and more than N positions, on
 //! packed rows of several documents with padding.
 //!
 //! Tolerances, from the observed differences (printed): in fp32 1e-6 relative on the loss and on each
@@ -85,7 +85,7 @@ fn compare(trainer: &Trainer, kind: Kind) {
     trainer.set_dropout_key(99);
     let (ref_loss, ref_grads) = take_grads(trainer, trainer.micro_step(&b, denom));
     assert!(ref_grads.iter().all(|g| g.abs().max().double_value(&[]) > 0.0), "every tensor gets a gradient");
-    for checkpointing in [Checkpointing::None, Checkpointing::Full] {
+    for checkpointing in [Checkpointing::None, Checkpointing::Full, Checkpointing::Every(2)] {
         for chunk in [1, 7, n, n + 5] {
             let opts = StepOptions { checkpointing, loss_chunk: chunk };
             let mut stages = vec![];
