@@ -58,8 +58,12 @@ fn full_fine_tuning_of_8b_does_not_fit_one_80gb_gpu_and_lora_does() {
     // 16 B a parameter before activations: over 128 GB.
     assert!(full["predicted_bytes"].as_f64().unwrap() > 128e9);
     assert_eq!(full["fits"], false);
-    let knobs: Vec<String> =
-        full["knobs"].as_array().unwrap().iter().map(|k| k["set"].as_array().unwrap()[0].as_str().unwrap().to_owned()).collect();
+    let knobs: Vec<String> = full["knobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["set"].as_array().unwrap()[0].as_str().unwrap().to_owned())
+        .collect();
     assert!(knobs.contains(&"lora.enabled=true".to_owned()), "{knobs:?}");
 
     let lora = json(&plan(&["--device-memory", "80GB", "--json"]));

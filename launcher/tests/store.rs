@@ -17,8 +17,9 @@ fn set_get_add_wait_across_clients() {
         (v, b.add("n", 5).unwrap())
     });
     std::thread::sleep(Duration::from_millis(100));
-    a.set("x", b"hello").unwrap();
+    // The counter first: once `x` is set the waiter adds its 5 at any moment.
     assert_eq!(a.add("n", 2).unwrap(), 2);
+    a.set("x", b"hello").unwrap();
     let (v, _) = waiter.join().unwrap();
     assert_eq!(v, b"hello");
     assert_eq!(a.add("n", 0).unwrap(), 7);

@@ -107,7 +107,11 @@ pub fn layer_bytes_per_token(a: &LlamaConfig, e: usize, lora: Option<&(i64, Vec<
                 .collect();
             groups.sort();
             groups.dedup();
-            ranks + groups.iter().map(|g| e * width(if *g == "qkv" || *g == "gate_up" { "q_proj" } else { g })).sum::<f64>()
+            ranks
+                + groups
+                    .iter()
+                    .map(|g| e * width(if *g == "qkv" || *g == "gate_up" { "q_proj" } else { g }))
+                    .sum::<f64>()
         }
     });
     norms + attention + mlp + base_inputs + adapters
@@ -219,7 +223,12 @@ pub fn predict(m: &MemoryInputs) -> MemoryPlan {
     let largest = match &m.lora {
         Some((r, targets, _)) => {
             let (f, q) = (a.intermediate_size as f64, (a.num_attention_heads * a.head_dim) as f64);
-            targets.iter().map(|t| *r as f64 * if t.contains("gate") || t.contains("up") || t.contains("down") { f } else { c.max(q) }).fold(0.0, f64::max)
+            targets
+                .iter()
+                .map(|t| {
+                    *r as f64 * if t.contains("gate") || t.contains("up") || t.contains("down") { f } else { c.max(q) }
+                })
+                .fold(0.0, f64::max)
         }
         None => v * c,
     };
@@ -228,7 +237,10 @@ pub fn predict(m: &MemoryInputs) -> MemoryPlan {
     parts.push(Part {
         name: "optimizer step",
         bytes: (step_ws - backward).max(0.0),
-        how: format!("2 fp32 temporaries of the largest trainable tensor ({}), beyond the backward phase's parts", gb(step_ws)),
+        how: format!(
+            "2 fp32 temporaries of the largest trainable tensor ({}), beyond the backward phase's parts",
+            gb(step_ws)
+        ),
     });
     let tensors: f64 = parts.iter().map(|p| p.bytes).sum();
     let (runtime, frag) = if m.cuda { (CUDA_RUNTIME, FRAGMENTATION_CUDA) } else { (CPU_RUNTIME, FRAGMENTATION_CPU) };

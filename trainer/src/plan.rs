@@ -273,8 +273,9 @@ pub fn checkpointing_for(value: &str, every: usize, device: &str) -> Result<Chec
         "auto" if device.starts_with("cuda") => Ok(Checkpointing::Full),
         "auto" => Ok(Checkpointing::None),
         "selective" if every == 0 => Err(bad("train.selective_every", "must be at least 1".into())),
-        v => Checkpointing::parse(v, every)
-            .ok_or_else(|| bad("train.activation_checkpointing", format!("`{v}` is not none, full, selective or auto"))),
+        v => Checkpointing::parse(v, every).ok_or_else(|| {
+            bad("train.activation_checkpointing", format!("`{v}` is not none, full, selective or auto"))
+        }),
     }
 }
 
@@ -333,7 +334,7 @@ pub fn resolve(config: RunConfig, rows: usize, world_size: usize) -> Result<Plan
             ),
         ));
     }
-    if !(t.bucket_mb > 0.0) {
+    if t.bucket_mb.is_nan() || t.bucket_mb <= 0.0 {
         return Err(bad("train.bucket_mb", format!("{} must be positive", t.bucket_mb)));
     }
     if t.log_every == 0 {

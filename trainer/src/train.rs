@@ -254,7 +254,8 @@ fn set_up<'a>(
     } else {
         170e9
     };
-    let buckets = GradBuckets::new(&trainer.trainable, trainer.model.layers.len(), (t.bucket_mb * (1 << 20) as f64) as usize);
+    let buckets =
+        GradBuckets::new(&trainer.trainable, trainer.model.layers.len(), (t.bucket_mb * (1 << 20) as f64) as usize);
     if rank == 0 && world > 1 {
         tracing::info!(
             "gradients in {} buckets of at most {} MiB, each summed over {world} ranks as soon as backward has made it final",
