@@ -400,6 +400,40 @@ pub fn resolve(config: RunConfig, rows: usize, world_size: usize) -> Result<Plan
     })
 }
 
+/// The hyperparameters shown in TensorBoard's HParams dashboard: every key of the resolved config
+/// (`section.key`; lists joined by commas; `output.*` left out, it names the run rather than
+/// describing it), plus the derived rows per step, total steps and the resolved masking strategy.
+/// Every swept key of a sweep is therefore a column there.
+pub fn hparams_of(cfg: &RunConfig, plan: &Plan) -> std::collections::BTreeMap<String, serde_json::Value> {
+    use serde_json::json;
+    let mut h = std::collections::BTreeMap::new();
+    let table: toml::Table = toml::from_str(&cfg.to_toml()).expect("the resolved config is valid TOML");
+    for (section, keys) in table.iter().filter(|(s, _)| s.as_str() != "output") {
+        let Some(keys) = keys.as_table() else { continue };
+        for (key, v) in keys {
+            let value = match v {
+                toml::Value::String(s) => json!(s),
+                toml::Value::Integer(i) => json!(i),
+                toml::Value::Float(f) => json!(f),
+                toml::Value::Boolean(b) => json!(b),
+                toml::Value::Array(a) => {
+                    json!(a
+                        .iter()
+                        .map(|x| x.as_str().map_or(x.to_string(), String::from))
+                        .collect::<Vec<_>>()
+                        .join(","))
+                }
+                other => json!(other.to_string()),
+            };
+            h.insert(format!("{section}.{key}"), value);
+        }
+    }
+    h.insert("data.strategy".into(), json!(plan.mask.strategy.as_str()));
+    h.insert("train.rows_per_step".into(), json!(plan.rows_per_step));
+    h.insert("train.total_steps".into(), json!(plan.total_steps));
+    h
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
