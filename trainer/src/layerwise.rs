@@ -23,8 +23,9 @@
 
 use crate::batch::BatchTensors;
 use crate::error::Result;
+use crate::loss;
 use crate::model::Llama;
-use tch::{Kind, Reduction, Tensor};
+use tch::{Kind, Tensor};
 
 /// What the forward pass keeps of each decoder layer for backward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -114,6 +115,14 @@ pub fn default_loss_chunk(vocab: i64) -> usize {
     ((256usize << 20) / (4 * vocab.max(1) as usize)).max(1)
 }
 
+/// `train.loss_chunk_tokens` resolved for a vocabulary of `vocab` ids (0: the default).
+pub fn loss_chunk_for(configured: usize, vocab: i64) -> usize {
+    match configured {
+        0 => default_loss_chunk(vocab),
+        n => n,
+    }
+}
+
 /// One layer's output, kept for backward; with checkpointing only `input` survives the forward.
 struct Kept {
     input: Tensor,
@@ -160,8 +169,7 @@ pub fn forward_backward(
     // Loss stage: final norm, then the trained positions in chunks.
     let top = x.set_requires_grad(true); // (B, T, C)
     let normed = model.norm.forward(&top);
-    let c = normed.size()[2];
-    let picked_from = normed.detach().set_requires_grad(true);
+    let picked_from = normed.detach().set_requires_grad(true); // (B, T, C)
     let mut loss_sum = Tensor::zeros([], (Kind::Float, top.device()));
     let chunk = opts.loss_chunk.max(1) as i64;
     let n = b.trained as i64;
@@ -169,10 +177,8 @@ pub fn forward_backward(
     // At least one pass, even over no position: its zero loss still gives `lm_head` a (zero) gradient.
     loop {
         let len = chunk.min(n - at);
-        let idx = b.idx.narrow(0, at, len);
-        let picked = picked_from.reshape([-1, c]).index_select(0, &idx); // (len, C)
-        let logits = model.logits(&picked).to_kind(Kind::Float); // (len, V)
-        let sum = logits.cross_entropy_loss::<Tensor>(&b.targets.narrow(0, at, len), None, Reduction::Sum, -100, 0.0);
+        let (idx, targets) = (b.idx.narrow(0, at, len), b.targets.narrow(0, at, len));
+        let sum = loss::masked_ce_sum(model, &picked_from, &idx, &targets); // (len, V) logits inside
         (&sum / denom).backward();
         loss_sum += sum.detach();
         at += len;

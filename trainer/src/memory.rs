@@ -272,7 +272,7 @@ pub fn inputs_for<'a>(
         loss_chunk,
         trained: None,
         world: plan.world_size,
-        bucket_bytes: (t.bucket_mb * (1 << 20) as f64) as usize,
+        bucket_bytes: t.bucket_bytes(),
         cuda: device.is_cuda(),
     }
 }
@@ -284,65 +284,65 @@ pub struct Knob {
     pub predicted: f64,
 }
 
-/// The single changes that bring the prediction under `budget` bytes, smallest change first: activation
-/// checkpointing, a micro-batch of one row, bf16, LoRA (r = 16 on every linear), shorter rows (halved
-/// until they fit, at least 256 tokens). When none does alone, all of them together (if that fits).
+/// A change of the run's settings, as `--set` arguments and as what it does to the inputs.
+type Change = (&'static [&'static str], fn(&mut MemoryInputs));
+
+/// The single changes that bring the prediction under `budget` bytes: activation checkpointing, a
+/// micro-batch of one row, bf16, LoRA (r = 16 on every linear), or rows halved until they fit (down to
+/// 256 tokens). When none does alone, all of them together, with rows halved as far as that needs.
 pub fn knobs_that_fit(m: &MemoryInputs, budget: f64) -> Vec<Knob> {
-    let mut tried: Vec<(Vec<String>, MemoryInputs)> = vec![];
+    let mut changes: Vec<Change> = vec![];
     if m.checkpointing != Checkpointing::Full {
-        tried.push((
-            vec!["train.activation_checkpointing=full".into()],
-            MemoryInputs { checkpointing: Checkpointing::Full, ..m.clone() },
-        ));
+        changes.push((&["train.activation_checkpointing=full"], |i| i.checkpointing = Checkpointing::Full));
     }
     if m.rows > 1 {
-        tried.push((vec!["train.micro_batch_size=1".into()], MemoryInputs { rows: 1, ..m.clone() }));
+        changes.push((&["train.micro_batch_size=1"], |i| i.rows = 1));
     }
     if m.compute_bytes == 4 {
-        tried.push((vec!["model.dtype=bf16".into()], MemoryInputs { compute_bytes: 2, ..m.clone() }));
+        changes.push((&["model.dtype=bf16"], |i| i.compute_bytes = 2));
     }
     if m.lora.is_none() {
-        let lora = Some((16, crate::lora::LINEAR_NAMES.to_vec(), true));
-        tried.push((vec!["lora.enabled=true".into(), "lora.r=16".into()], MemoryInputs { lora, ..m.clone() }));
+        changes.push((&["lora.enabled=true", "lora.r=16"], |i| {
+            i.lora = Some((16, crate::lora::LINEAR_NAMES.to_vec(), true))
+        }));
     }
-    let mut seq = m.seq / 2;
+    let mut fits: Vec<Knob> = changes
+        .iter()
+        .filter_map(|(set, apply)| {
+            let mut i = m.clone();
+            apply(&mut i);
+            let predicted = predict(&i).total;
+            (predicted <= budget).then(|| Knob { set: set.iter().map(|s| s.to_string()).collect(), predicted })
+        })
+        .collect();
+    fits.extend(with_rows_that_fit(m, vec![], budget).filter(|k| !k.set.is_empty()));
+    if fits.is_empty() && !changes.is_empty() {
+        let mut all = m.clone();
+        let mut set = vec![];
+        for (s, apply) in &changes {
+            apply(&mut all);
+            set.extend(s.iter().map(|s| s.to_string()));
+        }
+        fits.extend(with_rows_that_fit(&all, set, budget));
+    }
+    fits
+}
+
+/// `m` with `set` as it is when it fits, else with its rows halved until it does (at least 256 tokens).
+fn with_rows_that_fit(m: &MemoryInputs, set: Vec<String>, budget: f64) -> Option<Knob> {
+    let mut seq = m.seq;
     while seq >= 256 {
-        let shorter = MemoryInputs { seq, ..m.clone() };
-        if predict(&shorter).total <= budget {
-            tried.push((vec![format!("data.max_seq_len={seq}")], shorter));
-            break;
+        let predicted = predict(&MemoryInputs { seq, ..m.clone() }).total;
+        if predicted <= budget {
+            let mut set = set;
+            if seq < m.seq {
+                set.push(format!("data.max_seq_len={seq}"));
+            }
+            return Some(Knob { set, predicted });
         }
         seq /= 2;
     }
-    let mut fits: Vec<Knob> = tried
-        .iter()
-        .map(|(set, i)| Knob { set: set.clone(), predicted: predict(i).total })
-        .filter(|k| k.predicted <= budget)
-        .collect();
-    if fits.is_empty() && tried.len() > 1 {
-        let mut all = m.clone();
-        let mut set = vec![];
-        for (s, i) in &tried {
-            set.extend(s.iter().cloned());
-            all = MemoryInputs {
-                checkpointing: if i.checkpointing == Checkpointing::Full {
-                    Checkpointing::Full
-                } else {
-                    all.checkpointing
-                },
-                rows: all.rows.min(i.rows),
-                compute_bytes: all.compute_bytes.min(i.compute_bytes),
-                lora: all.lora.clone().or(i.lora.clone()),
-                seq: all.seq.min(i.seq),
-                ..all
-            };
-        }
-        let predicted = predict(&all).total;
-        if predicted <= budget {
-            fits.push(Knob { set, predicted });
-        }
-    }
-    fits
+    None
 }
 
 impl MemoryPlan {
@@ -417,7 +417,20 @@ mod tests {
         // LoRA r=16 on every linear: 42M adapter parameters.
         let targets = crate::lora::LINEAR_NAMES.to_vec();
         assert_eq!(lora_parameters(&a, 16, &targets), 41_943_040);
-        let lora = predict(&MemoryInputs { lora: Some((16, targets, true)), ..full });
+        let lora = predict(&MemoryInputs { lora: Some((16, targets, true)), ..full.clone() });
         assert!(lora.total < 0.3 * p.total);
+        // On 80 GB only LoRA fits alone; on 22 GB nothing alone (LoRA needs 27 GB at 8,192), all together
+        // only with shorter rows.
+        let sets =
+            |budget: f64| -> Vec<Vec<String>> { knobs_that_fit(&full, budget).into_iter().map(|k| k.set).collect() };
+        assert_eq!(sets(80e9), [vec!["lora.enabled=true".to_string(), "lora.r=16".into()]]);
+        let small = sets(22e9);
+        assert_eq!(small.len(), 1, "{small:?}");
+        assert!(
+            small[0].contains(&"lora.enabled=true".to_string())
+                && small[0].last().unwrap().starts_with("data.max_seq_len="),
+            "{small:?}"
+        );
+        assert!(sets(1e9).is_empty(), "the weights alone exceed 1 GB");
     }
 }

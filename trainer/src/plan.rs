@@ -178,6 +178,13 @@ impl Default for TrainSection {
         }
     }
 }
+impl TrainSection {
+    /// `bucket_mb` in bytes.
+    pub fn bucket_bytes(&self) -> usize {
+        (self.bucket_mb * (1 << 20) as f64) as usize
+    }
+}
+
 impl Default for LoraSection {
     fn default() -> Self {
         LoraSection { enabled: true, r: 8, alpha: 16.0, dropout: 0.05, target_modules: vec!["all-linear".into()] }

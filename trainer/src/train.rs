@@ -254,8 +254,7 @@ fn set_up<'a>(
     } else {
         170e9
     };
-    let buckets =
-        GradBuckets::new(&trainer.trainable, trainer.model.layers.len(), (t.bucket_mb * (1 << 20) as f64) as usize);
+    let buckets = GradBuckets::new(&trainer.trainable, trainer.model.layers.len(), t.bucket_bytes());
     if rank == 0 && world > 1 {
         tracing::info!(
             "gradients in {} buckets of at most {} MiB, each summed over {world} ranks as soon as backward has made it final",
@@ -316,10 +315,7 @@ fn resolve_plan(
     let arch = crate::LlamaConfig::from_dir(&cfg.model.path)?;
     let step_opts = StepOptions {
         checkpointing: plan.checkpointing,
-        loss_chunk: match cfg.train.loss_chunk_tokens {
-            0 => layerwise::default_loss_chunk(arch.vocab_size),
-            n => n,
-        },
+        loss_chunk: layerwise::loss_chunk_for(cfg.train.loss_chunk_tokens, arch.vocab_size),
     };
     if !lead {
         return Ok((plan, step_opts, None));
@@ -419,6 +415,7 @@ fn one_step(run: &mut Run, coll: &mut dyn Collective) -> Result<StepDone> {
     let denom = trained.max(1) as f64;
     let mut loss_sum = Tensor::zeros([], (Kind::Float, run.device));
     let last = batches.len() - 1;
+    let mut in_collectives = waited; // also the time starting (or, at the in-flight limit, waiting for) buckets
     for (m, b) in batches.iter().enumerate() {
         // RNG (LoRA dropout) is a function of (seed, step, global micro-batch index): a resumed run
         // draws the same numbers, and so do N ranks and one rank accumulating N micro-batches.
@@ -427,7 +424,15 @@ fn one_step(run: &mut Run, coll: &mut dyn Collective) -> Result<StepDone> {
         run.trainer.set_dropout_key(t.seed ^ key);
         let buckets = &mut run.buckets;
         let reduce = m == last && run.world > 1; // accumulation steps do not communicate
-        let mut on_done = |stage| if reduce { buckets.stage_done(coll, stage) } else { Ok(()) };
+        let mut on_done = |stage| {
+            if !reduce {
+                return Ok(());
+            }
+            let at = Instant::now();
+            let r = buckets.stage_done(coll, stage);
+            in_collectives += at.elapsed();
+            r
+        };
         loss_sum += run.trainer.micro_step_layerwise(b, denom, &run.step_opts, &mut on_done)?;
     }
     if let (Device::Cuda(ordinal), true) = (run.device, run.world > 1) {
@@ -435,7 +440,7 @@ fn one_step(run: &mut Run, coll: &mut dyn Collective) -> Result<StepDone> {
         // time and a slow GPU would not show. The step's loss read below waits for them anyway.
         tch::Cuda::synchronize(ordinal as i64);
     }
-    run.window.busy += (step_start.elapsed() - waited).as_secs_f64();
+    run.window.busy += step_start.elapsed().saturating_sub(in_collectives).as_secs_f64();
     if run.world > 1 {
         run.buckets.finish(coll)?;
     }

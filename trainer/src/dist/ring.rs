@@ -130,16 +130,32 @@ impl Ring {
         Ok(Ring { rank, world, jobs: Some(jobs), replies: Some(replies), pending: 0, thread: Some(thread) })
     }
 
+    fn gone(&self) -> Error {
+        Error::Dist { rank: self.rank, msg: "the ring's communication thread has stopped".into() }
+    }
+
     /// Hands `job` to the communication thread.
     fn send(&mut self, job: Job) -> Result<()> {
-        let gone = || Error::Dist { rank: self.rank, msg: "the ring's communication thread has stopped".into() };
-        self.jobs.as_ref().ok_or_else(gone)?.send(job).map_err(|_| gone())
+        let jobs = self.jobs.as_ref().ok_or_else(|| self.gone())?;
+        jobs.send(job).map_err(|_| self.gone())
     }
 
     /// The next reply, in issue order.
     fn reply(&mut self) -> Reply {
-        let gone = || Error::Dist { rank: self.rank, msg: "the ring's communication thread has stopped".into() };
-        self.replies.as_ref().ok_or_else(gone)?.recv().map_err(|_| gone())?
+        let replies = self.replies.as_ref().ok_or_else(|| self.gone())?;
+        replies.recv().map_err(|_| self.gone())?
+    }
+
+    /// The job for tensor `t`, checked here, on the caller's thread: the communication thread relies
+    /// on it (a panic there would only surface as a stopped thread).
+    fn tensor_job(t: &Tensor) -> Job {
+        assert!(t.device() == Device::Cpu && t.is_contiguous(), "the ring reduces contiguous CPU tensors");
+        assert!(
+            matches!(t.kind(), Kind::Float | Kind::Double),
+            "the ring reduces fp32 or fp64 tensors, not {:?}",
+            t.kind()
+        );
+        Job::Tensor(t.shallow_clone())
     }
 
     /// Runs `job` after everything started before it, and returns its reply; the first failure of
@@ -228,10 +244,9 @@ impl Link {
     }
 
     fn all_reduce_tensor(&mut self, t: &Tensor) -> Result<()> {
-        assert!(t.device() == Device::Cpu && t.is_contiguous(), "the ring reduces contiguous CPU tensors");
         let n = t.numel();
-        // SAFETY: a contiguous CPU tensor of `n` elements of the matched kind; the caller keeps another
-        // handle to it and does not touch it until this job's reply has been read.
+        // SAFETY: a contiguous CPU tensor of `n` elements of the matched kind (`Ring::tensor_job`); the
+        // caller keeps another handle to it and does not touch it until this job's reply has been read.
         match t.kind() {
             Kind::Float => {
                 self.all_reduce_slice(unsafe { std::slice::from_raw_parts_mut(t.data_ptr().cast::<f32>(), n) })
@@ -239,7 +254,7 @@ impl Link {
             Kind::Double => {
                 self.all_reduce_slice(unsafe { std::slice::from_raw_parts_mut(t.data_ptr().cast::<f64>(), n) })
             }
-            k => panic!("the ring reduces fp32 or fp64 tensors, not {k:?}"),
+            k => unreachable!("Ring::tensor_job admits fp32 and fp64 only, not {k:?}"),
         }
     }
 }
@@ -259,7 +274,7 @@ impl Collective for Ring {
         if self.world == 1 {
             return Ok(());
         }
-        self.run(Job::Tensor(t.shallow_clone())).map(|_| ())
+        self.run(Self::tensor_job(t)).map(|_| ())
     }
 
     fn all_reduce_f64(&mut self, v: &mut [f64]) -> Result<()> {
@@ -275,8 +290,7 @@ impl Collective for Ring {
         if self.world == 1 {
             return Ok(());
         }
-        assert!(t.device() == Device::Cpu && t.is_contiguous(), "the ring reduces contiguous CPU tensors");
-        self.send(Job::Tensor(t.shallow_clone()))?;
+        self.send(Self::tensor_job(t))?;
         self.pending += 1;
         Ok(())
     }

@@ -5,7 +5,7 @@
 
 use anyhow::{bail, Context, Result};
 use ferrotune::cli::PlanArgs;
-use ferrotune_trainer::layerwise::default_loss_chunk;
+use ferrotune_trainer::layerwise::loss_chunk_for;
 use ferrotune_trainer::memory;
 use ferrotune_trainer::plan::{self, RunConfig};
 use ferrotune_trainer::train::parse_device;
@@ -23,10 +23,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
     // The data is not read: one step's worth of rows stands in for it (memory does not depend on it).
     let rows = cfg.train.batch_size.max(cfg.train.micro_batch_size * args.world).max(1);
     let p = plan::resolve(cfg.clone(), rows, args.world)?;
-    let chunk = match cfg.train.loss_chunk_tokens {
-        0 => default_loss_chunk(arch.vocab_size),
-        n => n,
-    };
+    let chunk = loss_chunk_for(cfg.train.loss_chunk_tokens, arch.vocab_size);
     let inputs = memory::inputs_for(&p, &arch, kind, device, chunk);
     let predicted = memory::predict(&inputs);
     let (budget, source) = match &args.device_memory {
