@@ -52,7 +52,9 @@ fn ours(model: &Path, rows: &Path, mode: &str, dtype: &str) -> Value {
         target_modules: vec!["all-linear".into()],
     });
     let adamw = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
-    let mut trainer = Trainer::new(model, kind_of(dtype), Device::Cpu, lora, adamw, 0).unwrap();
+    let mut trainer =
+        Trainer::new(model, kind_of(dtype), Device::Cpu, lora, adamw, 0, ferrotune_trainer::optim::ShardOf::ALL)
+            .unwrap();
     let checkpointing: String = env_or("BENCH_CHECKPOINTING", "none".to_string());
     let opts = StepOptions {
         checkpointing: Checkpointing::parse(&checkpointing, 2).expect("BENCH_CHECKPOINTING is none, full or selective"),
@@ -80,7 +82,7 @@ fn ours(model: &Path, rows: &Path, mode: &str, dtype: &str) -> Value {
         };
         let b = to_tensors(&batch, Device::Cpu);
         let sum = trainer.micro_step_layerwise(&b, n as f64, &opts, &mut |_| Ok(())).unwrap();
-        let _norm = trainer.opt.clip_grad_norm(1.0);
+        let _norm = trainer.opt.clip_grad_norm(1.0, &mut ferrotune_trainer::dist::Single).unwrap();
         trainer.opt.step(1e-4);
         losses.push(sum.double_value(&[]) / n as f64);
         if i as usize >= WARMUP {

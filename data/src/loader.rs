@@ -106,6 +106,23 @@ impl<'a> Loader<'a> {
         self.share = self.share_of(state.epoch);
     }
 
+    /// Restores a position saved by a run of `saved_world` ranks: the rows handed out of the epoch
+    /// over all ranks (cursor x saved_world) are the same rows on this world size, so a step
+    /// boundary, where every rank has read whole steps, converts exactly. An error when it does not
+    /// (the position is not a multiple of this world size).
+    pub fn restore_from(&mut self, state: LoaderState, saved_world: usize) -> Result<(), String> {
+        let global = state.cursor * saved_world.max(1);
+        if !global.is_multiple_of(self.world) {
+            return Err(format!(
+                "the checkpoint's data position ({global} rows of epoch {} over {saved_world} ranks) is not a whole number of rows for each of {} ranks",
+                state.epoch, self.world
+            ));
+        }
+        self.restore(state);
+        self.state.cursor = (global / self.world).min(self.share.len());
+        Ok(())
+    }
+
     /// The next `micro_batch` rows, moving into the next epoch when this one runs out.
     pub fn next_batch(&mut self) -> Batch {
         let epoch = self.state.epoch;

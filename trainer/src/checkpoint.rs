@@ -1,9 +1,12 @@
 //! Checkpoints that are complete or absent: each is written into `step-N.partial/`, finished with a
 //! `DONE` marker, then renamed to `step-N/` in one atomic step; a directory without `DONE` is never
 //! used. A checkpoint holds the trainable weights (the whole model, or the LoRA adapter in peft's
-//! names), the optimizer state, the loader position and step (`state.json`; the RNG is reseeded from
-//! (seed, step) every step, so no RNG state is needed) and the resolved config. It does not decide when
-//! to save; the plan does.
+//! names), the optimizer state (`optim_state`: one slice per rank when sharded), the loader position,
+//! step and world size (`state.json`; the RNG is reseeded from (seed, step) every step, so no RNG state
+//! is needed) and the resolved config. With several ranks (`save_all`) every rank writes its files into
+//! the partial directory, and rank 0 writes `DONE` only once every rank has reported success and every
+//! file the checkpoint lists exists: a rank that fails or dies while writing leaves the previous
+//! checkpoint the newest complete one. It does not decide when to save; the plan does.
 
 use crate::error::{Error, Result};
 use crate::weights;
@@ -21,6 +24,13 @@ pub struct TrainState {
     pub loader: LoaderState,
     /// Training loss of the last step (for the log after a resume).
     pub last_loss: f64,
+    /// Ranks of the run that wrote it: `loader.cursor` counts one rank's rows.
+    #[serde(default = "one")]
+    pub world: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
@@ -50,27 +60,109 @@ pub fn latest(run_dir: &Path) -> Option<(u64, PathBuf)> {
 /// Writes checkpoint `step` with `write` filling the directory; `DONE` and the rename make it visible.
 /// On any failure the partial directory is removed and earlier checkpoints are untouched.
 pub fn save(run_dir: &Path, step: u64, write: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+    let partial = fresh_partial(run_dir, step)?;
+    let result = write(&partial).and_then(|()| publish(run_dir, step));
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    result
+}
+
+/// An empty `step-N.partial/` (what an earlier attempt left there is removed).
+fn fresh_partial(run_dir: &Path, step: u64) -> Result<PathBuf> {
     let dir = checkpoints_dir(run_dir);
     std::fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
     let partial = dir.join(format!("step-{step}.partial"));
-    let done = dir.join(format!("step-{step}"));
     if partial.exists() {
         std::fs::remove_dir_all(&partial).map_err(Error::io(&partial))?;
     }
     std::fs::create_dir(&partial).map_err(Error::io(&partial))?;
-    let result = write(&partial).and_then(|()| {
-        let marker = partial.join(DONE);
-        std::fs::write(&marker, format!("{step}\n")).map_err(Error::io(&marker))?;
-        if done.exists() {
-            std::fs::remove_dir_all(&done).map_err(Error::io(&done))?;
-        }
-        std::fs::rename(&partial, &done).map_err(Error::io(&done))
-    });
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&partial);
-        return Err(e);
+    Ok(partial)
+}
+
+/// Marks `step-N.partial/` done and renames it to `step-N/` (replacing one of the same step).
+fn publish(run_dir: &Path, step: u64) -> Result<PathBuf> {
+    let dir = checkpoints_dir(run_dir);
+    let (partial, done) = (dir.join(format!("step-{step}.partial")), dir.join(format!("step-{step}")));
+    let marker = partial.join(DONE);
+    std::fs::write(&marker, format!("{step}\n")).map_err(Error::io(&marker))?;
+    if done.exists() {
+        std::fs::remove_dir_all(&done).map_err(Error::io(&done))?;
     }
+    std::fs::rename(&partial, &done).map_err(Error::io(&done))?;
     Ok(done)
+}
+
+/// Writes checkpoint `step` with every rank of `coll`: rank 0 makes the partial directory, every rank
+/// runs `write` into it (its own files), and once all have succeeded rank 0 checks that the files
+/// `expected` lists exist, writes `DONE` and renames. A failure on any rank removes the partial
+/// directory and is an error on every rank (naming the ranks); a rank that dies leaves no `DONE`, and
+/// the others' next collective fails. With one rank this is `save`.
+pub fn save_all(
+    run_dir: &Path,
+    step: u64,
+    coll: &mut dyn crate::dist::Collective,
+    write: impl FnOnce(&Path) -> Result<()>,
+    expected: impl FnOnce(&Path) -> Result<Vec<PathBuf>>,
+) -> Result<PathBuf> {
+    let (rank, world) = (coll.rank(), coll.world());
+    let partial = checkpoints_dir(run_dir).join(format!("step-{step}.partial"));
+    let prepared = if rank == 0 { fresh_partial(run_dir, step).map(|_| ()) } else { Ok(()) };
+    agree(coll, prepared.as_ref().err(), "making the checkpoint directory")?;
+    prepared?;
+    let wrote = write(&partial);
+    let all = agree(coll, wrote.as_ref().err(), "writing its part of the checkpoint");
+    let finished = match (rank, all.and(wrote)) {
+        (0, Ok(())) => expected(&partial).and_then(|files| {
+            if let Some(missing) = files.iter().find(|f| !f.exists()) {
+                return Err(Error::Checkpoint {
+                    path: missing.clone(),
+                    msg: format!("missing after every one of {world} ranks reported it written"),
+                });
+            }
+            publish(run_dir, step)
+        }),
+        (_, Ok(())) => Ok(checkpoints_dir(run_dir).join(format!("step-{step}"))),
+        (_, Err(e)) => Err(e),
+    };
+    if rank == 0 && finished.is_err() {
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    // Nobody goes on (or exits) before rank 0 has made the checkpoint visible or given up.
+    agree(coll, finished.as_ref().err().filter(|_| rank == 0), "finishing the checkpoint")?;
+    finished
+}
+
+/// Every rank tells whether it failed at `what`; an error on every rank when any did, naming them.
+fn agree(coll: &mut dyn crate::dist::Collective, failed: Option<&Error>, what: &str) -> Result<()> {
+    let mut flags = vec![0.0; coll.world()];
+    flags[coll.rank()] = if failed.is_some() { 1.0 } else { 0.0 };
+    coll.all_reduce_f64(&mut flags)?;
+    let bad: Vec<String> = flags.iter().enumerate().filter(|(_, &f)| f > 0.0).map(|(r, _)| r.to_string()).collect();
+    if bad.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Dist {
+        rank: coll.rank(),
+        msg: format!(
+            "rank(s) {} failed {what}{}; the previous complete checkpoint is kept",
+            bad.join(", "),
+            failed.map_or(String::new(), |e| format!(": {e}"))
+        ),
+    })
+}
+
+/// Testing only: `FERROTUNE_FAILPOINT=shard-write:RANK:STEP` makes rank RANK die (abort) halfway
+/// through writing its optimizer slice at checkpoint STEP, in the first attempt of a launch
+/// (FERROTUNE_RESTART_GENERATION unset or 0), so tests can kill a rank at that exact moment.
+pub fn failpoint_shard_write(rank: usize, step: u64, partial_file: &Path) {
+    let Ok(spec) = std::env::var("FERROTUNE_FAILPOINT") else { return };
+    let first_attempt = std::env::var("FERROTUNE_RESTART_GENERATION").map_or(true, |g| g.is_empty() || g == "0");
+    if spec == format!("shard-write:{rank}:{step}") && first_attempt {
+        let _ = std::fs::write(partial_file, b"half a shard");
+        eprintln!("FERROTUNE_FAILPOINT {spec}: rank {rank} dies while writing {}", partial_file.display());
+        std::process::abort();
+    }
 }
 
 /// Saves named tensors, each in its own dtype, as one safetensors file (complete or absent).

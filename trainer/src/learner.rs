@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::layerwise::{self, Stage, StepOptions};
 use crate::lora::{self, Dropout, LoraConfig};
 use crate::model::Llama;
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::{AdamW, AdamWConfig, ShardOf};
 use crate::{load_model, loss, weights};
 use std::path::Path;
 use std::rc::Rc;
@@ -28,7 +28,8 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// Loads the model; with `lora`, freezes it and attaches fresh adapters (seeded by `seed`).
+    /// Loads the model; with `lora`, freezes it and attaches fresh adapters (seeded by `seed`). The
+    /// optimizer updates `shard`'s slice of the trainable tensors (`ShardOf::ALL`: all of them).
     pub fn new(
         model_dir: &Path,
         kind: Kind,
@@ -36,6 +37,7 @@ impl Trainer {
         lora: Option<LoraConfig>,
         adamw: AdamWConfig,
         seed: u64,
+        shard: ShardOf,
     ) -> Result<Self> {
         let mut model = load_model(model_dir, kind, device)?;
         let dropout = Rc::new(Dropout::default());
@@ -50,7 +52,8 @@ impl Trainer {
                 model.named_parameters()
             }
         };
-        let opt = AdamW::new(trainable.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(), adamw);
+        let named = trainable.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        let opt = AdamW::new(named, adamw, model.layers.len(), shard);
         Ok(Trainer { model, opt, trainable, lora, dropout })
     }
 

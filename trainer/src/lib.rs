@@ -17,6 +17,7 @@ pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod optim_state;
 pub mod plan;
 pub mod rope;
 pub mod schedule;

@@ -1,24 +1,20 @@
 //! AdamW in Rust with PyTorch's exact update order (`torch.optim.AdamW`, single-tensor path): decoupled
 //! weight decay, fp32 moments, and fp32 master weights when the model computes in bf16, so the state can
 //! be saved and a resumed run continues bit for bit. Parameters of fewer than 2 dimensions (norms,
-//! biases) get no weight decay. Also global-norm gradient clipping. It does not schedule the learning
-//! rate or all-reduce gradients.
+//! biases) get no weight decay. Also global-norm gradient clipping.
+//!
+//! The state is flat: one fp32 vector each of first moments, second moments (and masters) over the
+//! slice of the flat parameter space (`dist::flat`) this rank updates, which is all of it unsharded,
+//! and 1/W of it with `train.shard = "optimizer" | "gradients"` (ZeRO stages 1 and 2). Every update is
+//! elementwise, so a slice computes exactly what the whole would. Sharded, the gradient of the slice
+//! is the optimizer's own buffer (`shard_grad`, filled by the gradient buckets' reduce-scatter);
+//! unsharded it is each parameter's `.grad`. It does not schedule the learning rate, reduce gradients
+//! or gather the updated weights (`dist::buckets`); saving and re-slicing the state is `optim_state`.
 
-use crate::error::{Error, Result};
-use std::collections::HashMap;
-use std::path::Path;
+use crate::dist::flat::{Layout, Segment};
+use crate::dist::Collective;
+use crate::error::Result;
 use tch::{Kind, Tensor};
-
-pub struct Param {
-    pub name: String,
-    /// The model's tensor (compute dtype), which gets `.grad()`.
-    pub tensor: Tensor,
-    /// fp32 copy that the update is applied to when the model is not fp32.
-    pub master: Option<Tensor>,
-    pub exp_avg: Tensor,
-    pub exp_avg_sq: Tensor,
-    pub decay: bool,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWConfig {
@@ -28,44 +24,132 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
+/// Which slice of the flat parameter space an optimizer updates: rank `rank` of `world` (world 1: all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardOf {
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl ShardOf {
+    pub const ALL: ShardOf = ShardOf { rank: 0, world: 1 };
+}
+
 pub struct AdamW {
-    pub params: Vec<Param>,
     pub cfg: AdamWConfig,
     /// Optimizer steps taken.
     pub step: u64,
+    /// The trainable tensors (compute dtype), which get `.grad()`, under their checkpoint names.
+    pub(crate) params: Vec<(String, Tensor)>,
+    pub(crate) layout: Layout,
+    pub(crate) shard: ShardOf,
+    /// This rank's pieces of the trainable tensors, in flat order.
+    pub(crate) segments: Vec<Segment>,
+    /// Per trainable tensor: whether weight decay applies (2 or more dimensions).
+    decay: Vec<bool>,
+    /// (n,) fp32 over this rank's slice of n elements.
+    pub(crate) exp_avg: Tensor,
+    pub(crate) exp_avg_sq: Tensor,
+    /// (n,) fp32 copy of the slice's weights that the update is applied to when the model is not fp32.
+    pub(crate) master: Option<Tensor>,
+    /// Sharded: (n,) the slice's summed gradient, in the parameters' dtype. None: each `.grad`.
+    shard_grad: Option<Tensor>,
 }
 
 impl AdamW {
-    pub fn new(named: Vec<(String, Tensor)>, cfg: AdamWConfig) -> Self {
+    /// The optimizer of `named` (trainable tensors of one dtype, of a model with `layers` decoder
+    /// layers) for `shard`'s slice of them.
+    pub fn new(named: Vec<(String, Tensor)>, cfg: AdamWConfig, layers: usize, shard: ShardOf) -> Self {
         let _g = tch::no_grad_guard();
-        let params = named
-            .into_iter()
-            .map(|(name, tensor)| {
-                let master = (tensor.kind() != Kind::Float).then(|| tensor.detach().to_kind(Kind::Float));
-                let zeros = || Tensor::zeros_like(&tensor).to_kind(Kind::Float);
-                Param { decay: tensor.dim() >= 2, exp_avg: zeros(), exp_avg_sq: zeros(), master, name, tensor }
-            })
-            .collect();
-        AdamW { params, cfg, step: 0 }
+        let names: Vec<&str> = named.iter().map(|(n, _)| n.as_str()).collect();
+        let numels: Vec<usize> = named.iter().map(|(_, t)| t.numel()).collect();
+        let layout = Layout::new(&names, &numels, layers, shard.world);
+        let segments = layout.segments(shard.rank);
+        let (lo, hi) = layout.range(shard.rank);
+        let n = (hi - lo) as i64;
+        let (kind, device) = named.first().map_or((Kind::Float, tch::Device::Cpu), |(_, t)| (t.kind(), t.device()));
+        let zeros = || Tensor::zeros([n], (Kind::Float, device));
+        let master = (kind != Kind::Float).then(|| {
+            let m = zeros();
+            for s in &segments {
+                m.narrow(0, s.at as i64, s.len as i64).copy_(&piece(&named[s.param].1, s));
+            }
+            m
+        });
+        let shard_grad = (shard.world > 1).then(|| Tensor::zeros([n], (kind, device)));
+        let decay = named.iter().map(|(_, t)| t.dim() >= 2).collect();
+        AdamW {
+            cfg,
+            step: 0,
+            params: named,
+            layout,
+            shard,
+            segments,
+            decay,
+            exp_avg: zeros(),
+            exp_avg_sq: zeros(),
+            master,
+            shard_grad,
+        }
+    }
+
+    /// The flat layout and this rank's slice (what the gradient buckets reduce-scatter into).
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub fn shard(&self) -> ShardOf {
+        self.shard
+    }
+
+    /// Sharded: the (n,) gradient buffer of this rank's slice, which the buckets add into.
+    pub fn shard_grad(&self) -> Option<Tensor> {
+        self.shard_grad.as_ref().map(Tensor::shallow_clone)
+    }
+
+    /// Bytes of the optimizer's state tensors on this rank (moments and masters).
+    pub fn state_bytes(&self) -> usize {
+        let n = self.exp_avg.numel();
+        4 * (2 * n + self.master.as_ref().map_or(0, |m| m.numel()))
+    }
+
+    /// The gradient of segment `s`, (len,) in the parameters' dtype: a view, so scaling it in place
+    /// scales what the update reads.
+    fn grad_of(&self, s: &Segment) -> Tensor {
+        match &self.shard_grad {
+            Some(g) => g.narrow(0, s.at as i64, s.len as i64),
+            None => piece(&self.params[s.param].1.grad(), s),
+        }
     }
 
     /// Global L2 norm of all gradients (fp32, on device, no host sync), and scales the gradients down
     /// to `max_norm` when above it (torch's clip_grad_norm_: coef = min(1, max_norm / (norm + 1e-6))).
+    /// Sharded, the norm is the square root of the squared slice norms summed over `coll`'s ranks.
     /// `max_norm <= 0` only measures.
-    pub fn clip_grad_norm(&self, max_norm: f64) -> Tensor {
+    pub fn clip_grad_norm(&self, max_norm: f64, coll: &mut dyn Collective) -> Result<Tensor> {
         let _g = tch::no_grad_guard();
-        let norms: Vec<Tensor> = self.params.iter().map(|p| p.tensor.grad().to_kind(Kind::Float).norm()).collect();
-        let total = Tensor::stack(&norms, 0).norm();
+        let device = self.exp_avg.device();
+        let norms: Vec<Tensor> = self.segments.iter().map(|s| self.grad_of(s).to_kind(Kind::Float).norm()).collect();
+        let local =
+            if norms.is_empty() { Tensor::zeros([], (Kind::Float, device)) } else { Tensor::stack(&norms, 0).norm() };
+        let total = if self.shard.world > 1 {
+            let sq = local.square().reshape([1]);
+            coll.all_reduce_sum(&sq)?;
+            sq.sqrt().reshape([])
+        } else {
+            local
+        };
         if max_norm > 0.0 {
-            let coef = (Tensor::full([], max_norm, (Kind::Float, total.device())) / (&total + 1e-6)).clamp_max(1.0);
-            for p in &self.params {
-                let _ = p.tensor.grad().g_mul_(&coef.to_kind(p.tensor.kind()));
+            let coef = (Tensor::full([], max_norm, (Kind::Float, device)) / (&total + 1e-6)).clamp_max(1.0);
+            for s in &self.segments {
+                let mut g = self.grad_of(s);
+                let _ = g.g_mul_(&coef.to_kind(g.kind()));
             }
         }
-        total
+        Ok(total)
     }
 
-    /// One update with learning rate `lr`, then zeroes the gradients.
+    /// One update of this rank's slice with learning rate `lr`, then zeroes the gradients.
     pub fn step(&mut self, lr: f64) {
         let _g = tch::no_grad_guard();
         self.step += 1;
@@ -75,72 +159,44 @@ impl AdamW {
         let bias_correction2 = 1.0 - beta2.powi(t);
         let step_size = lr / bias_correction1;
         let bias_correction2_sqrt = bias_correction2.sqrt();
-        for p in &mut self.params {
-            let grad = p.tensor.grad().to_kind(Kind::Float);
-            let mut w = p.master.as_ref().map_or_else(|| p.tensor.shallow_clone(), Tensor::shallow_clone);
-            if p.decay && weight_decay != 0.0 {
+        for s in &self.segments {
+            let (at, len) = (s.at as i64, s.len as i64);
+            let grad = self.grad_of(s).to_kind(Kind::Float);
+            let weights = piece(&self.params[s.param].1, s);
+            let mut w = self.master.as_ref().map_or_else(|| weights.shallow_clone(), |m| m.narrow(0, at, len));
+            if self.decay[s.param] && weight_decay != 0.0 {
                 let _ = w.g_mul_scalar_(1.0 - lr * weight_decay);
             }
-            let _ = p.exp_avg.lerp_(&grad, 1.0 - beta1);
-            let _ = p.exp_avg_sq.g_mul_scalar_(beta2);
-            let _ = p.exp_avg_sq.g_add_(&(&grad * (1.0 - beta2) * &grad));
-            let denom = p.exp_avg_sq.sqrt() / bias_correction2_sqrt + eps;
-            let _ = w.g_add_(&((&p.exp_avg / &denom) * (-step_size)));
-            if p.master.is_some() {
-                p.tensor.shallow_clone().copy_(&w);
-            }
-            let _ = p.tensor.grad().zero_();
-        }
-    }
-
-    /// Saves moments and masters as `optimizer.safetensors` in `dir`.
-    pub fn save(&self, dir: &Path) -> Result<()> {
-        let mut named = vec![];
-        for p in &self.params {
-            named.push((format!("{}.exp_avg", p.name), p.exp_avg.shallow_clone()));
-            named.push((format!("{}.exp_avg_sq", p.name), p.exp_avg_sq.shallow_clone()));
-            if let Some(m) = &p.master {
-                named.push((format!("{}.master", p.name), m.shallow_clone()));
+            let mut exp_avg = self.exp_avg.narrow(0, at, len);
+            let mut exp_avg_sq = self.exp_avg_sq.narrow(0, at, len);
+            let _ = exp_avg.lerp_(&grad, 1.0 - beta1);
+            let _ = exp_avg_sq.g_mul_scalar_(beta2);
+            let _ = exp_avg_sq.g_add_(&(&grad * (1.0 - beta2) * &grad));
+            let denom = exp_avg_sq.sqrt() / bias_correction2_sqrt + eps;
+            let _ = w.g_add_(&((&exp_avg / &denom) * (-step_size)));
+            if self.master.is_some() {
+                weights.shallow_clone().copy_(&w);
             }
         }
-        named.push(("step".into(), Tensor::from_slice(&[self.step as i64])));
-        crate::checkpoint::save_named(&dir.join("optimizer.safetensors"), &named)
+        self.zero_grad();
     }
 
-    /// Restores what `save` wrote; every parameter must be there with its shape.
-    pub fn load(&mut self, dir: &Path) -> Result<()> {
-        let path = dir.join("optimizer.safetensors");
-        let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(&path)
-            .map_err(|e| Error::Checkpoint { path: path.clone(), msg: format!("cannot read optimizer state: {e}") })?
-            .into_iter()
-            .collect();
-        let get = |name: &str, like: &Tensor| -> Result<Tensor> {
-            let t = tensors.get(name).ok_or_else(|| Error::Tensor {
-                path: path.clone(),
-                tensor: name.into(),
-                msg: "missing from the optimizer state; hint: was the checkpoint written by another configuration?"
-                    .into(),
-            })?;
-            if t.size() != like.size() {
-                return Err(Error::Tensor {
-                    path: path.clone(),
-                    tensor: name.into(),
-                    msg: format!("shape {:?}, expected {:?}", t.size(), like.size()),
-                });
-            }
-            Ok(t.to_device(like.device()))
-        };
+    /// Zeroes the parameters' gradients (those that hold one) and the slice's gradient buffer.
+    pub fn zero_grad(&mut self) {
         let _g = tch::no_grad_guard();
-        for p in &mut self.params {
-            p.exp_avg = get(&format!("{}.exp_avg", p.name), &p.exp_avg)?;
-            p.exp_avg_sq = get(&format!("{}.exp_avg_sq", p.name), &p.exp_avg_sq)?;
-            if let Some(m) = &p.master {
-                p.master = Some(get(&format!("{}.master", p.name), m)?);
+        for (_, p) in &self.params {
+            let mut g = p.grad();
+            if g.defined() && g.numel() > 0 {
+                let _ = g.zero_();
             }
         }
-        let step =
-            tensors.get("step").ok_or_else(|| Error::Checkpoint { path: path.clone(), msg: "no `step`".into() })?;
-        self.step = step.int64_value(&[0]) as u64;
-        Ok(())
+        if let Some(g) = &mut self.shard_grad {
+            let _ = g.zero_();
+        }
     }
+}
+
+/// Segment `s` of tensor `t` (flattened): a (len,) view.
+fn piece(t: &Tensor, s: &Segment) -> Tensor {
+    t.view([-1]).narrow(0, s.start as i64, s.len as i64)
 }

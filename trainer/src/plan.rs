@@ -4,6 +4,7 @@
 //! everything else (accumulation steps, steps per epoch, warmup, checkpoint and evaluation steps) and
 //! fails with the arithmetic in the message. Nothing here touches a model or a file of data.
 
+use crate::dist::buckets::{parse_shard, Shard};
 use crate::error::{Error, Result};
 use crate::layerwise::Checkpointing;
 use crate::lora::LoraConfig;
@@ -99,6 +100,11 @@ pub struct TrainSection {
     /// Size of the fp32 gradient buckets summed over ranks while backward runs, in MiB (as DDP's
     /// bucket_cap_mb): smaller buckets start communicating sooner, larger ones send fewer messages.
     pub bucket_mb: f64,
+    /// What is sliced over the ranks instead of kept whole on each: none; optimizer (ZeRO-1: AdamW's
+    /// moments and fp32 masters, 1/W each); gradients (ZeRO-2: also the gradients, each bucket
+    /// reduce-scattered and freed as soon as backward has made it final). Every rank keeps the whole
+    /// model for forward and backward. With one rank there is nothing to slice.
+    pub shard: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -175,6 +181,7 @@ impl Default for TrainSection {
             selective_every: 2,
             loss_chunk_tokens: 0,
             bucket_mb: 25.0,
+            shard: "none".into(),
         }
     }
 }
@@ -270,6 +277,8 @@ pub struct Plan {
     pub eval_steps: Vec<u64>,
     /// `train.activation_checkpointing` with `auto` resolved for the device.
     pub checkpointing: Checkpointing,
+    /// `train.shard` (none whatever it says on one rank).
+    pub shard: Shard,
 }
 
 /// `train.activation_checkpointing` for a run on `device` (cpu, cuda, cuda:N): auto is full on CUDA,
@@ -386,6 +395,10 @@ pub fn resolve(config: RunConfig, rows: usize, world_size: usize) -> Result<Plan
     }
     let eval_steps = evenly_spaced(total_steps, config.eval.n_evals);
     let checkpointing = checkpointing_for(&t.activation_checkpointing, t.selective_every, &config.model.device)?;
+    let shard = match parse_shard(&t.shard).map_err(|e| bad("train.shard", e.to_string()))? {
+        _ if world_size == 1 => Shard::None,
+        s => s,
+    };
     let run_dir = config.output.dir.join(&config.output.run_name);
     Ok(Plan {
         run_dir,
@@ -403,6 +416,7 @@ pub fn resolve(config: RunConfig, rows: usize, world_size: usize) -> Result<Plan
         checkpoint_steps,
         eval_steps,
         checkpointing,
+        shard,
         config,
     })
 }

@@ -1,21 +1,23 @@
 //! The training loop, one for every run, on 1 or N ranks: fetch this rank's micro-batches, count the
 //! trained tokens of the whole step (all ranks), forward/backward stage by stage with the loss divided
-//! by that count (the last micro-batch's gradients summed over ranks while its backward runs), clip,
-//! step, schedule, log, evaluate, checkpoint. With one rank the collectives are identities
-//! (`dist::Single`). Rank 0 alone writes files, logs metrics and evaluates. `train` reads top to bottom
+//! by that count (the last micro-batch's gradients summed over ranks while its backward runs, or,
+//! sharded, reduce-scattered into each rank's slice), clip, step, (sharded) gather the updated weights,
+//! schedule, log, evaluate, checkpoint. With one rank the collectives are identities
+//! (`dist::Single`). Rank 0 alone logs metrics and evaluates; every rank writes its optimizer slice
+//! into a sharded checkpoint, rank 0 everything else. `train` reads top to bottom
 //! as a list of phases; the pieces they call (model, layer-wise step, optimizer, schedule, data loader,
 //! collectives, checkpoint) know nothing of each other.
 
 use crate::batch::{to_tensors, BatchTensors};
 use crate::checkpoint::{self, TrainState};
-use crate::dist::buckets::GradBuckets;
+use crate::dist::buckets::{GradBuckets, Shard};
 use crate::dist::{self, Collective};
 use crate::error::{Error, Result};
 use crate::layerwise::{self, StepOptions};
 use crate::learner::Trainer;
 use crate::metrics::{Logger, PeakMemory};
 use crate::model::Llama;
-use crate::optim::AdamWConfig;
+use crate::optim::{AdamWConfig, ShardOf};
 use crate::plan::{self, Plan, RunConfig};
 use crate::{memory, parse_kind};
 use ferrotune_data::cache::TokenCache;
@@ -109,7 +111,7 @@ pub fn train(cfg: RunConfig, opts: RunOptions, coll: &mut dyn Collective, logger
         let pause = Instant::now();
         evaluate(&mut run, &enc, logger)?;
         let stopping = opts.stop_after.is_some_and(|n| run.step - run.started_at >= n);
-        checkpoint_if_due(&run, stopping)?;
+        checkpoint_if_due(&run, stopping, coll)?;
         run.window.since += pause.elapsed();
         logger.flush();
         if stopping && run.step < run.plan.total_steps {
@@ -254,14 +256,12 @@ fn set_up<'a>(
     } else {
         170e9
     };
-    let buckets = GradBuckets::new(&trainer.trainable, trainer.model.layers.len(), t.bucket_bytes());
-    if rank == 0 && world > 1 {
-        tracing::info!(
-            "gradients in {} buckets of at most {} MiB, each summed over {world} ranks as soon as backward has made it final",
-            buckets.len(),
-            t.bucket_mb
-        );
-    }
+    let opt = &trainer.opt;
+    let tied = trainer.model.config.tie_word_embeddings;
+    let sharding = (plan.shard, rank, opt.shard_grad());
+    let layers = trainer.model.layers.len();
+    let buckets = GradBuckets::new(&trainer.trainable, opt.layout(), layers, t.bucket_bytes(), sharding, tied);
+    log_sharding(&plan, opt, buckets.len(), coll)?;
     // From here the memory figure is the training's: loading's transient peak (mapped checkpoint files
     // beside the weights) is not what the planner predicts.
     crate::metrics::reset_peak_rss();
@@ -356,7 +356,9 @@ fn load_and_resume<'a>(
     let t = &cfg.train;
     let (kind, device) = (parse_kind(&cfg.model.dtype)?, parse_device(&cfg.model.device)?);
     let adamw = AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay };
-    let mut trainer = Trainer::new(&cfg.model.path, kind, device, plan.lora.clone(), adamw, t.seed)?;
+    let (rank, world) = (coll.rank(), coll.world());
+    let shard = if plan.shard == Shard::None { ShardOf::ALL } else { ShardOf { rank, world } };
+    let mut trainer = Trainer::new(&cfg.model.path, kind, device, plan.lora.clone(), adamw, t.seed, shard)?;
     let mut everything = trainer.model.named_parameters().into_iter().map(|(_, p)| p).collect::<Vec<_>>();
     everything.extend(trainer.trainable.iter().map(|(_, p)| p.shallow_clone()));
     dist::verify_same_weights(coll, &everything)?;
@@ -367,12 +369,42 @@ fn load_and_resume<'a>(
         checkpoint::load_named(&dir.join("trainable.safetensors"), &trainer.trainable)?;
         trainer.opt.load(&dir)?;
         let state = checkpoint::read_state(&dir)?;
-        loader.restore(state.loader);
+        loader.restore_from(state.loader, state.world).map_err(|msg| Error::Checkpoint {
+            path: dir.join("state.json"),
+            msg: format!("{msg}; hint: resume on {} ranks, as the checkpoint was written", state.world),
+        })?;
         step = s;
         last_loss = state.last_loss;
         tracing::info!("resumed from {} (step {s}, loss {last_loss:.4})", dir.display());
     }
     Ok((trainer, loader, step, last_loss))
+}
+
+/// Logs (rank 0) how the work is split over the ranks: the gradient buckets, and the optimizer state's
+/// bytes on each rank (measured: the sum of its state tensors' bytes) beside an unsharded rank's.
+fn log_sharding(plan: &Plan, opt: &crate::optim::AdamW, buckets: usize, coll: &mut dyn Collective) -> Result<()> {
+    let world = coll.world();
+    let per_rank = coll.all_gather_f64(opt.state_bytes() as f64)?;
+    if coll.rank() != 0 {
+        return Ok(());
+    }
+    let t = &plan.config.train;
+    if world > 1 {
+        let how = if plan.shard == Shard::None { "summed" } else { "reduce-scattered" };
+        tracing::info!(
+            "gradients in {buckets} buckets of at most {} MiB, each {how} over {world} ranks as soon as backward has made it final",
+            t.bucket_mb
+        );
+    }
+    let masters = if opt.master.is_some() { 12 } else { 8 };
+    let whole = opt.layout().total * masters;
+    tracing::info!(
+        "optimizer state per rank (train.shard = {}): {} bytes of {whole} unsharded ({:.2} MB on rank 0)",
+        serde_json::to_string(&plan.shard).expect("shard serializes").trim_matches('"'),
+        per_rank.iter().map(|&b| format!("{b:.0}")).collect::<Vec<_>>().join(", "),
+        per_rank[0] / 1e6
+    );
+    Ok(())
 }
 
 fn log_plan(plan: &Plan, cfg: &RunConfig, step_opts: &StepOptions, predicted: &memory::MemoryPlan) {
@@ -423,7 +455,11 @@ fn one_step(run: &mut Run, coll: &mut dyn Collective) -> Result<StepDone> {
         let key = (run.step + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ micro.wrapping_mul(0xBF58_476D_1CE4_E5B9);
         run.trainer.set_dropout_key(t.seed ^ key);
         let buckets = &mut run.buckets;
-        let reduce = m == last && run.world > 1; // accumulation steps do not communicate
+        // Accumulation steps do not communicate, unless ZeRO-2 frees every micro-batch's gradients.
+        let reduce = (m == last || buckets.reduces_every_micro_batch()) && run.world > 1;
+        if reduce {
+            buckets.begin();
+        }
         let mut on_done = |stage| {
             if !reduce {
                 return Ok(());
@@ -434,6 +470,11 @@ fn one_step(run: &mut Run, coll: &mut dyn Collective) -> Result<StepDone> {
             r
         };
         loss_sum += run.trainer.micro_step_layerwise(b, denom, &run.step_opts, &mut on_done)?;
+        if reduce && m != last {
+            let at = Instant::now();
+            run.buckets.finish(coll)?;
+            in_collectives += at.elapsed();
+        }
     }
     if let (Device::Cuda(ordinal), true) = (run.device, run.world > 1) {
         // Kernels run asynchronously: without waiting for them, the per-rank time would be launch
@@ -456,8 +497,9 @@ fn one_step(run: &mut Run, coll: &mut dyn Collective) -> Result<StepDone> {
             run.step + 1
         )));
     }
-    let grad_norm = run.trainer.opt.clip_grad_norm(t.max_grad_norm);
+    let grad_norm = run.trainer.opt.clip_grad_norm(t.max_grad_norm, coll)?;
     run.trainer.opt.step(lr);
+    run.buckets.gather_weights(coll)?;
     run.step += 1;
     run.last_loss = loss;
     let w = &mut run.window;
@@ -539,21 +581,39 @@ fn evaluate(run: &mut Run, enc: &Encoder, logger: &mut dyn Logger) -> Result<()>
     Ok(())
 }
 
-/// At the planned steps and when stopping early (rank 0): an atomic checkpoint.
-fn checkpoint_if_due(run: &Run, stopping: bool) -> Result<()> {
-    if !(run.lead && (run.plan.checkpoint_steps.contains(&run.step) || stopping)) {
+/// At the planned steps and when stopping early (every rank): an atomic checkpoint. Rank 0 writes the
+/// trainable weights, the data position, the config and the optimizer state's index; the optimizer
+/// state is rank 0's alone unsharded, one slice per rank sharded.
+fn checkpoint_if_due(run: &Run, stopping: bool, coll: &mut dyn Collective) -> Result<()> {
+    if !(run.plan.checkpoint_steps.contains(&run.step) || stopping) {
         return Ok(());
     }
-    let state = TrainState { step: run.step, loader: run.loader.state(), last_loss: run.last_loss };
-    let trainer = &run.trainer;
-    let dir = checkpoint::save(&run.run_dir, run.step, |d| {
+    let state = TrainState { step: run.step, loader: run.loader.state(), last_loss: run.last_loss, world: run.world };
+    let (trainer, lead, sharded) = (&run.trainer, run.lead, run.plan.shard != Shard::None);
+    let write = |d: &Path| -> Result<()> {
+        if sharded || lead {
+            let slice = crate::optim_state::slice_file(d, trainer.opt.shard().rank);
+            checkpoint::failpoint_shard_write(run.rank, run.step, &slice);
+            trainer.opt.save_slice(d)?;
+        }
+        if !lead {
+            return Ok(());
+        }
         checkpoint::save_named(&d.join("trainable.safetensors"), &trainer.trainable)?;
-        trainer.opt.save(d)?;
+        trainer.opt.save_index(d)?;
         checkpoint::write_state(d, &state)?;
         let c = d.join("config.toml");
         std::fs::write(&c, run.cfg.to_toml()).map_err(Error::io(&c))
-    })?;
-    tracing::info!("checkpoint {}", dir.display());
+    };
+    let expected = |d: &Path| -> Result<Vec<PathBuf>> {
+        let mut files = crate::optim_state::expected_files(d)?;
+        files.extend(["trainable.safetensors", "state.json", "config.toml"].map(|f| d.join(f)));
+        Ok(files)
+    };
+    let dir = checkpoint::save_all(&run.run_dir, run.step, coll, write, expected)?;
+    if run.lead {
+        tracing::info!("checkpoint {}", dir.display());
+    }
     Ok(())
 }
 

@@ -152,13 +152,13 @@ pub fn load(model: &Llama, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn map_file(path: &Path) -> Result<memmap2::Mmap> {
+pub fn map_file(path: &Path) -> Result<memmap2::Mmap> {
     let file = std::fs::File::open(path).map_err(Error::io(path))?;
     // Safety: the file is only read, and a checkpoint is not expected to change while it is loaded.
     unsafe { memmap2::Mmap::map(&file) }.map_err(Error::io(path))
 }
 
-fn deserialize<'a>(bytes: &'a [u8], path: &Path) -> Result<SafeTensors<'a>> {
+pub fn deserialize<'a>(bytes: &'a [u8], path: &Path) -> Result<SafeTensors<'a>> {
     SafeTensors::deserialize(bytes).map_err(|e| Error::Checkpoint {
         path: path.to_owned(),
         msg: format!(

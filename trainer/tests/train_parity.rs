@@ -66,7 +66,7 @@ fn compare_step(
 ) {
     let sum = micro_step(trainer, bt);
     let loss = sum.double_value(&[]) / bt.trained as f64;
-    let norm = trainer.opt.clip_grad_norm(CLIP).double_value(&[]);
+    let norm = trainer.opt.clip_grad_norm(CLIP, &mut ferrotune_trainer::dist::Single).unwrap().double_value(&[]);
     trainer.opt.step(LR);
     let (hl, hn) = (hf["loss"].double_value(&[0]), hf["grad_norm"].double_value(&[0]));
     println!("loss {loss:.7} vs {hl:.7}; grad norm {norm:.6} vs {hn:.6}");
@@ -113,7 +113,8 @@ fn adamw() -> AdamWConfig {
 #[test]
 fn full_fine_tuning_step_equals_transformers() {
     let dir = fixture("tiny-llama-bias");
-    let mut trainer = Trainer::new(&dir, Kind::Float, Device::Cpu, None, adamw(), 0).unwrap();
+    let mut trainer =
+        Trainer::new(&dir, Kind::Float, Device::Cpu, None, adamw(), 0, ferrotune_trainer::optim::ShardOf::ALL).unwrap();
     let (input, labels, bt) = batch(trainer.model.config.vocab_size);
     let hf = hf_step(&dir, &input, &labels, None, None);
     step_and_compare(&mut trainer, &hf, &bt);
@@ -128,7 +129,9 @@ fn lora_step_equals_peft() {
         dropout: 0.0,
         target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
     };
-    let mut trainer = Trainer::new(&dir, Kind::Float, Device::Cpu, Some(cfg), adamw(), 3).unwrap();
+    let mut trainer =
+        Trainer::new(&dir, Kind::Float, Device::Cpu, Some(cfg), adamw(), 3, ferrotune_trainer::optim::ShardOf::ALL)
+            .unwrap();
     // B starts at zero (step 0 equals the base model); give it values so that A's gradient is non-zero too.
     randomize_lora_b(&trainer.trainable, 0.05);
     let tmp = tempfile::tempdir().unwrap();
@@ -149,7 +152,16 @@ fn layerwise_lora_step_with_dropout_equals_peft() {
     let cfg = LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, target_modules: vec!["all-linear".into()] };
     const KEY: u64 = 0x1234_5678_9abc_def0;
     for checkpointing in [Checkpointing::None, Checkpointing::Full] {
-        let mut trainer = Trainer::new(&dir, Kind::Float, Device::Cpu, Some(cfg.clone()), adamw(), 3).unwrap();
+        let mut trainer = Trainer::new(
+            &dir,
+            Kind::Float,
+            Device::Cpu,
+            Some(cfg.clone()),
+            adamw(),
+            3,
+            ferrotune_trainer::optim::ShardOf::ALL,
+        )
+        .unwrap();
         tch::manual_seed(11);
         randomize_lora_b(&trainer.trainable, 0.05);
         let tmp = tempfile::tempdir().unwrap();
@@ -171,7 +183,9 @@ fn layerwise_lora_step_with_dropout_equals_peft() {
 fn dropout_masks_change_the_loss() {
     let dir = fixture("tiny-llama");
     let cfg = LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, target_modules: vec!["all-linear".into()] };
-    let trainer = Trainer::new(&dir, Kind::Float, Device::Cpu, Some(cfg), adamw(), 3).unwrap();
+    let trainer =
+        Trainer::new(&dir, Kind::Float, Device::Cpu, Some(cfg), adamw(), 3, ferrotune_trainer::optim::ShardOf::ALL)
+            .unwrap();
     tch::manual_seed(11);
     randomize_lora_b(&trainer.trainable, 0.05);
     let (_, _, bt) = batch(trainer.model.config.vocab_size);

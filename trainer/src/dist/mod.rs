@@ -1,10 +1,12 @@
 //! Collectives for data parallelism: one interface (`Collective`) with a backend per device — a TCP ring
 //! for CPU tensors (`ring`), NCCL for CUDA tensors (`nccl`) — and `Single` for a one-process run, so the
 //! training loop has no special case for one rank. Also the pieces of data parallelism built on it:
-//! `init` (rank environment → store → backend), bucketed gradient all-reduce started while backward
-//! runs (`buckets`), and the initial-weights checksum. Not here: spawning processes or supervising them (the launcher crate).
+//! `init` (rank environment → store → backend), bucketed gradient reductions started while backward
+//! runs (`buckets`), the flat parameter space that sharding slices (`flat`), and the initial-weights
+//! checksum. Not here: spawning processes or supervising them (the launcher crate).
 
 pub mod buckets;
+pub mod flat;
 pub mod nccl;
 pub mod ring;
 
@@ -38,6 +40,35 @@ pub trait Collective {
         Ok(())
     }
 
+    /// Sums a contiguous fp32 tensor on `device()` over all ranks so that each rank r ends with its own
+    /// part, `t[bounds[r]..bounds[r + 1]]`, summed; the other parts hold unspecified values after it.
+    /// `bounds` has W + 1 non-decreasing entries ending at `t.numel()` (parts may be empty or uneven).
+    /// This default sums everything.
+    fn reduce_scatter_sum(&mut self, t: &Tensor, bounds: &[usize]) -> Result<()> {
+        check_bounds(self.rank(), self.world(), t, bounds)?;
+        self.all_reduce_sum(t)
+    }
+
+    /// Starts `reduce_scatter_sum`, as `start_all_reduce_sum` starts an all-reduce; `wait_started`
+    /// waits for both kinds.
+    fn start_reduce_scatter_sum(&mut self, t: &Tensor, bounds: &[usize]) -> Result<()> {
+        self.reduce_scatter_sum(t, bounds)
+    }
+
+    /// Every rank's part r of `t` (contiguous fp32 on `device()`) becomes rank r's: each rank fills its
+    /// own part, and after the call every rank holds all of them. This default zeroes the other parts
+    /// and sums (exact: x + 0 = x).
+    fn all_gather(&mut self, t: &Tensor, bounds: &[usize]) -> Result<()> {
+        check_bounds(self.rank(), self.world(), t, bounds)?;
+        let _g = tch::no_grad_guard();
+        let r = self.rank();
+        let n = t.numel() as i64;
+        let t0 = t.shallow_clone();
+        let _ = t0.narrow(0, 0, bounds[r] as i64).zero_();
+        let _ = t0.narrow(0, bounds[r + 1] as i64, n - bounds[r + 1] as i64).zero_();
+        self.all_reduce_sum(t)
+    }
+
     /// Averages a contiguous fp32 tensor on `device()` over all ranks, in place.
     fn all_reduce_avg(&mut self, t: &Tensor) -> Result<()> {
         self.all_reduce_sum(t)?;
@@ -64,6 +95,24 @@ pub trait Collective {
             let _ = t.shallow_clone().zero_();
         }
         self.all_reduce_sum(t)
+    }
+}
+
+/// Errors unless `bounds` splits the flat tensor `t` among `world` ranks (W + 1 entries,
+/// non-decreasing, from 0 to `t.numel()`, `t` one-dimensional).
+pub fn check_bounds(rank: usize, world: usize, t: &Tensor, bounds: &[usize]) -> Result<()> {
+    let ok = t.dim() == 1
+        && bounds.len() == world + 1
+        && bounds.first() == Some(&0)
+        && bounds.last() == Some(&t.numel())
+        && bounds.windows(2).all(|w| w[0] <= w[1]);
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Dist {
+            rank,
+            msg: format!("bounds {bounds:?} do not split a flat buffer of {:?} over {world} ranks", t.size()),
+        })
     }
 }
 

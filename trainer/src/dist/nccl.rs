@@ -6,7 +6,9 @@
 //! libtorch uses, so they order after backward without a host sync. Reductions started during
 //! backward (`start_all_reduce_sum`) run on a side stream of their own: an event orders each after the
 //! kernels queued so far on the default stream, and `wait_started` makes the default stream (the
-//! optimizer) wait for the last of them; the host never waits. Tensors are only borrowed (their
+//! optimizer) wait for the last of them; the host never waits. Reduce-scatter and all-gather take
+//! uneven parts, so they are grouped ncclReduce and ncclBroadcast calls, one per rank's part (as
+//! torch.distributed does for uneven all-gathers), rather than ncclReduceScatter's equal counts. Tensors are only borrowed (their
 //! `data_ptr`), never owned; the caller keeps a started tensor alive until `wait_started`.
 //! Not here: CPU tensors (`ring`).
 
@@ -118,6 +120,69 @@ impl Nccl {
     }
 }
 
+impl Nccl {
+    /// The reduction stream of `start_*` (made on first use), ordered after every kernel queued so far
+    /// on the default stream.
+    fn side_stream(&mut self) -> Result<sys::cudaStream_t> {
+        let side = match &self.side {
+            Some(s) => s.clone(),
+            None => {
+                let s = self.ctx.new_stream().map_err(|e| self.cuda_err("creating the reduction stream", e))?;
+                self.side = Some(s.clone());
+                s
+            }
+        };
+        side.join(&self.ctx.default_stream()).map_err(|e| self.cuda_err("ordering the reduction", e))?;
+        Ok(side.cu_stream() as sys::cudaStream_t)
+    }
+
+    /// Part r of `t` summed onto rank r (`gather` false: one ncclReduce per part, rooted at its rank),
+    /// or copied from rank r to every rank (`gather` true: one ncclBroadcast per part), all in one
+    /// NCCL group on `stream`. Empty parts are skipped (every rank has the same bounds).
+    fn parts_raw(&mut self, t: &Tensor, bounds: &[usize], gather: bool, stream: sys::cudaStream_t) -> Result<()> {
+        assert!(t.device() == self.device && t.is_contiguous() && t.kind() == Kind::Float);
+        super::check_bounds(self.rank, self.world, t, bounds)?;
+        let what = if gather { "all-gather (ncclBroadcast)" } else { "reduce-scatter (ncclReduce)" };
+        let fail = |e: result::NcclError| Error::Dist {
+            rank: self.rank,
+            msg: format!("{what}: {e:?}; hint: another rank has probably failed, see its log"),
+        };
+        result::group_start().map_err(fail)?;
+        let mut first = Ok(());
+        for r in 0..self.world {
+            let count = bounds[r + 1] - bounds[r];
+            if count == 0 {
+                continue;
+            }
+            // SAFETY: part r lies inside `t` (bounds checked above), a contiguous fp32 CUDA tensor on
+            // this communicator's device that the caller keeps alive until the stream has run the call;
+            // in place (send = receive buffer) is allowed for both calls.
+            let ptr = unsafe { (t.data_ptr() as *mut f32).add(bounds[r]) }.cast::<std::ffi::c_void>();
+            let done = unsafe {
+                if gather {
+                    result::broadcast(ptr, ptr, count, sys::ncclDataType_t::ncclFloat32, r as i32, self.comm, stream)
+                } else {
+                    result::reduce(
+                        ptr,
+                        ptr,
+                        count,
+                        sys::ncclDataType_t::ncclFloat32,
+                        sys::ncclRedOp_t::ncclSum,
+                        r as i32,
+                        self.comm,
+                        stream,
+                    )
+                }
+            };
+            if let (Err(e), true) = (done, first.is_ok()) {
+                first = Err(fail(e));
+            }
+        }
+        let ended = result::group_end().map_err(fail);
+        first.and(ended.map(|_| ()))
+    }
+}
+
 impl Drop for Nccl {
     fn drop(&mut self) {
         // SAFETY: the communicator was created by comm_init_rank and is not used after this.
@@ -143,19 +208,26 @@ impl Collective for Nccl {
 
     fn start_all_reduce_sum(&mut self, t: &Tensor) -> Result<()> {
         assert!(t.device() == self.device && t.is_contiguous() && t.kind() == Kind::Float);
-        let side = match &self.side {
-            Some(s) => s.clone(),
-            None => {
-                let s = self.ctx.new_stream().map_err(|e| self.cuda_err("creating the reduction stream", e))?;
-                self.side = Some(s.clone());
-                s
-            }
-        };
         // After every kernel queued so far on the default stream (this layer's backward).
-        side.join(&self.ctx.default_stream()).map_err(|e| self.cuda_err("ordering the reduction", e))?;
-        self.all_reduce_raw(t, sys::ncclDataType_t::ncclFloat32, side.cu_stream() as sys::cudaStream_t)?;
+        let stream = self.side_stream()?;
+        self.all_reduce_raw(t, sys::ncclDataType_t::ncclFloat32, stream)?;
         self.started += 1;
         Ok(())
+    }
+
+    fn reduce_scatter_sum(&mut self, t: &Tensor, bounds: &[usize]) -> Result<()> {
+        self.parts_raw(t, bounds, false, std::ptr::null_mut())
+    }
+
+    fn start_reduce_scatter_sum(&mut self, t: &Tensor, bounds: &[usize]) -> Result<()> {
+        let stream = self.side_stream()?;
+        self.parts_raw(t, bounds, false, stream)?;
+        self.started += 1;
+        Ok(())
+    }
+
+    fn all_gather(&mut self, t: &Tensor, bounds: &[usize]) -> Result<()> {
+        self.parts_raw(t, bounds, true, std::ptr::null_mut())
     }
 
     fn wait_started(&mut self) -> Result<()> {

@@ -1,6 +1,7 @@
-//! The CPU collective backend: a bandwidth-optimal ring all-reduce over TCP (reduce-scatter then
-//! all-gather; each rank sends and receives 2(W-1)/W of the buffer), with every rank connected to the
-//! next and accepting from the previous. Addresses are exchanged through the rendezvous store. Sends
+//! The CPU collective backend: bandwidth-optimal ring collectives over TCP, with every rank connected
+//! to the next and accepting from the previous. Reduce-scatter and all-gather take any split of the
+//! buffer into W parts (uneven or empty ones too; each rank sends and receives (W-1)/W of it); an
+//! all-reduce is the two, over even parts. Addresses are exchanged through the rendezvous store. Sends
 //! run on a scoped thread while the receiving side adds into place, so the two directions overlap.
 //! Every operation runs on one communication thread that owns the sockets, in the order issued, so a
 //! reduction started during backward (`start_all_reduce_sum`) proceeds while the trainer computes.
@@ -38,9 +39,28 @@ struct Link {
     scratch: Vec<u8>,
 }
 
-/// Work for the communication thread: a CPU tensor (fp32 or fp64) summed in place, or host numbers.
+/// What is done to a tensor. `bounds` split it into the W parts of `Collective::reduce_scatter_sum`.
+#[derive(Debug, Clone)]
+enum Op {
+    AllReduce,
+    ReduceScatter(Vec<usize>),
+    AllGather(Vec<usize>),
+}
+
+impl Op {
+    fn name(&self) -> &'static str {
+        match self {
+            Op::AllReduce => "all-reduce",
+            Op::ReduceScatter(_) => "reduce-scatter",
+            Op::AllGather(_) => "all-gather",
+        }
+    }
+}
+
+/// Work for the communication thread: a CPU tensor (fp32 or fp64) reduced or gathered in place, or
+/// host numbers summed.
 enum Job {
-    Tensor(Tensor),
+    Tensor(Tensor, Op),
     Host(Vec<f64>),
 }
 
@@ -118,7 +138,7 @@ impl Ring {
             .spawn(move || {
                 for job in inbox {
                     let reply = match job {
-                        Job::Tensor(t) => link.all_reduce_tensor(&t).map(|_| None),
+                        Job::Tensor(t, op) => link.tensor_op(&t, &op).map(|_| None),
                         Job::Host(mut v) => link.all_reduce_slice(&mut v).map(|_| Some(v)),
                     };
                     if outbox.send(reply).is_err() {
@@ -148,14 +168,17 @@ impl Ring {
 
     /// The job for tensor `t`, checked here, on the caller's thread: the communication thread relies
     /// on it (a panic there would only surface as a stopped thread).
-    fn tensor_job(t: &Tensor) -> Job {
+    fn tensor_job(&self, t: &Tensor, op: Op) -> Result<Job> {
         assert!(t.device() == Device::Cpu && t.is_contiguous(), "the ring reduces contiguous CPU tensors");
         assert!(
             matches!(t.kind(), Kind::Float | Kind::Double),
             "the ring reduces fp32 or fp64 tensors, not {:?}",
             t.kind()
         );
-        Job::Tensor(t.shallow_clone())
+        if let Op::ReduceScatter(b) | Op::AllGather(b) = &op {
+            super::check_bounds(self.rank, self.world, t, b)?;
+        }
+        Ok(Job::Tensor(t.shallow_clone(), op))
     }
 
     /// Runs `job` after everything started before it, and returns its reply; the first failure of
@@ -220,41 +243,71 @@ impl Link {
         })
     }
 
-    fn all_reduce_slice<T: Elem>(&mut self, data: &mut [T]) -> Result<()> {
-        let (r, w, n) = (self.rank, self.world, data.len());
-        if w == 1 {
-            return Ok(());
-        }
-        let chunk = |c: usize| (c * n / w, (c + 1) * n / w);
-        let fail = |e: std::io::Error| Error::Dist {
+    fn fail(&self, op: &str) -> impl Fn(std::io::Error) -> Error {
+        let (r, w) = (self.rank, self.world);
+        let op = op.to_owned();
+        move |e| Error::Dist {
             rank: r,
             msg: format!(
-                "ring all-reduce with ranks {} and {} failed: {e}; hint: another rank has probably failed, see its log",
+                "ring {op} with ranks {} and {} failed: {e}; hint: another rank has probably failed, see its log",
                 (r + w - 1) % w,
                 (r + 1) % w
             ),
-        };
-        for s in 0..w - 1 {
-            self.exchange(data, chunk((r + w - s) % w), chunk((r + 2 * w - s - 1) % w), true).map_err(fail)?;
         }
+    }
+
+    /// Each rank r ends with part r (`part(r)` = start and end) summed over all ranks: at step s it
+    /// sends part r-s-1 (its own contribution, or what it has summed so far) to the next rank and adds
+    /// the previous rank's part r-s-2 into place; after W-1 steps part r has every contribution.
+    fn reduce_scatter_slice<T: Elem>(&mut self, data: &mut [T], part: &dyn Fn(usize) -> (usize, usize)) -> Result<()> {
+        let (r, w) = (self.rank, self.world);
+        let fail = self.fail("reduce-scatter");
         for s in 0..w - 1 {
-            self.exchange(data, chunk((r + 1 + w - s) % w), chunk((r + w - s) % w), false).map_err(fail)?;
+            self.exchange(data, part((r + 2 * w - s - 1) % w), part((r + 2 * w - s - 2) % w), true).map_err(&fail)?;
         }
         Ok(())
     }
 
-    fn all_reduce_tensor(&mut self, t: &Tensor) -> Result<()> {
+    /// Each rank starts with its own part r and ends with all of them: at step s it passes on part r-s
+    /// and receives part r-s-1.
+    fn all_gather_slice<T: Elem>(&mut self, data: &mut [T], part: &dyn Fn(usize) -> (usize, usize)) -> Result<()> {
+        let (r, w) = (self.rank, self.world);
+        let fail = self.fail("all-gather");
+        for s in 0..w - 1 {
+            self.exchange(data, part((r + w - s) % w), part((r + 2 * w - s - 1) % w), false).map_err(&fail)?;
+        }
+        Ok(())
+    }
+
+    fn all_reduce_slice<T: Elem>(&mut self, data: &mut [T]) -> Result<()> {
+        let (w, n) = (self.world, data.len());
+        if w == 1 {
+            return Ok(());
+        }
+        let even = |c: usize| (c * n / w, (c + 1) * n / w);
+        self.reduce_scatter_slice(data, &even)?;
+        self.all_gather_slice(data, &even)
+    }
+
+    fn slice_op<T: Elem>(&mut self, data: &mut [T], op: &Op) -> Result<()> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        match op {
+            Op::AllReduce => self.all_reduce_slice(data),
+            Op::ReduceScatter(b) => self.reduce_scatter_slice(data, &|c| (b[c], b[c + 1])),
+            Op::AllGather(b) => self.all_gather_slice(data, &|c| (b[c], b[c + 1])),
+        }
+    }
+
+    fn tensor_op(&mut self, t: &Tensor, op: &Op) -> Result<()> {
         let n = t.numel();
         // SAFETY: a contiguous CPU tensor of `n` elements of the matched kind (`Ring::tensor_job`); the
         // caller keeps another handle to it and does not touch it until this job's reply has been read.
         match t.kind() {
-            Kind::Float => {
-                self.all_reduce_slice(unsafe { std::slice::from_raw_parts_mut(t.data_ptr().cast::<f32>(), n) })
-            }
-            Kind::Double => {
-                self.all_reduce_slice(unsafe { std::slice::from_raw_parts_mut(t.data_ptr().cast::<f64>(), n) })
-            }
-            k => unreachable!("Ring::tensor_job admits fp32 and fp64 only, not {k:?}"),
+            Kind::Float => self.slice_op(unsafe { std::slice::from_raw_parts_mut(t.data_ptr().cast::<f32>(), n) }, op),
+            Kind::Double => self.slice_op(unsafe { std::slice::from_raw_parts_mut(t.data_ptr().cast::<f64>(), n) }, op),
+            k => unreachable!("Ring::tensor_job admits fp32 and fp64 only, not {k:?} ({})", op.name()),
         }
     }
 }
@@ -274,7 +327,34 @@ impl Collective for Ring {
         if self.world == 1 {
             return Ok(());
         }
-        self.run(Self::tensor_job(t)).map(|_| ())
+        let job = self.tensor_job(t, Op::AllReduce)?;
+        self.run(job).map(|_| ())
+    }
+
+    fn reduce_scatter_sum(&mut self, t: &Tensor, bounds: &[usize]) -> Result<()> {
+        if self.world == 1 {
+            return super::check_bounds(0, 1, t, bounds);
+        }
+        let job = self.tensor_job(t, Op::ReduceScatter(bounds.to_vec()))?;
+        self.run(job).map(|_| ())
+    }
+
+    fn start_reduce_scatter_sum(&mut self, t: &Tensor, bounds: &[usize]) -> Result<()> {
+        if self.world == 1 {
+            return super::check_bounds(0, 1, t, bounds);
+        }
+        let job = self.tensor_job(t, Op::ReduceScatter(bounds.to_vec()))?;
+        self.send(job)?;
+        self.pending += 1;
+        Ok(())
+    }
+
+    fn all_gather(&mut self, t: &Tensor, bounds: &[usize]) -> Result<()> {
+        if self.world == 1 {
+            return super::check_bounds(0, 1, t, bounds);
+        }
+        let job = self.tensor_job(t, Op::AllGather(bounds.to_vec()))?;
+        self.run(job).map(|_| ())
     }
 
     fn all_reduce_f64(&mut self, v: &mut [f64]) -> Result<()> {
@@ -290,7 +370,8 @@ impl Collective for Ring {
         if self.world == 1 {
             return Ok(());
         }
-        self.send(Self::tensor_job(t))?;
+        let job = self.tensor_job(t, Op::AllReduce)?;
+        self.send(job)?;
         self.pending += 1;
         Ok(())
     }
