@@ -77,6 +77,36 @@ fn full_fine_tuning_of_8b_does_not_fit_one_80gb_gpu_and_lora_does() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("fits:"));
 }
 
+/// On 8 ranks full fine-tuning fits 80 GB once the optimizer state is sharded: `plan` says so first,
+/// and with `train.shard` set it divides the optimizer state by 8.
+#[test]
+fn on_8_ranks_plan_suggests_sharding_and_accounts_for_it() {
+    let full = json(&plan(&["--set", "lora.enabled=false", "--device-memory", "80GB", "--world", "8", "--json"]));
+    assert_eq!(full["fits"], false);
+    let first: Vec<&str> =
+        full["knobs"].as_array().unwrap()[..2].iter().map(|k| k["set"][0].as_str().unwrap()).collect();
+    assert_eq!(first, ["train.shard=optimizer", "train.shard=gradients"]);
+    let part = |v: &serde_json::Value, n: &str| {
+        v["parts"].as_array().unwrap().iter().find(|p| p["name"] == n).unwrap()["bytes"].as_f64().unwrap()
+    };
+    for shard in ["optimizer", "gradients"] {
+        let set = format!("train.shard={shard}");
+        let v = json(&plan(&[
+            "--set",
+            "lora.enabled=false",
+            "--set",
+            &set,
+            "--device-memory",
+            "80GB",
+            "--world",
+            "8",
+            "--json",
+        ]));
+        assert_eq!(v["fits"], true, "{shard}");
+        assert!((part(&v, "optimizer state") - part(&full, "optimizer state") / 8.0).abs() < 1.0, "{shard}");
+    }
+}
+
 #[test]
 fn errors_name_the_key_or_the_flag() {
     let o = plan(&["--set", "model.path=\"\"", "--device-memory", "80GB"]);

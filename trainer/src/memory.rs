@@ -8,6 +8,7 @@
 //! F MLP width, V vocabulary, L layers, r LoRA rank, T tokens of one micro-batch (rows × row length).
 
 use crate::config::LlamaConfig;
+use crate::dist::buckets::Shard;
 use crate::layerwise::Checkpointing;
 use serde::Serialize;
 
@@ -29,6 +30,8 @@ pub struct MemoryInputs<'a> {
     /// token cache); None assumes every position may be (`plan`, before any data is read).
     pub trained: Option<usize>,
     pub world: usize,
+    /// `train.shard`: what is sliced over the `world` ranks.
+    pub shard: Shard,
     /// Bytes of one gradient bucket (`train.bucket_mb`).
     pub bucket_bytes: usize,
     pub cuda: bool,
@@ -124,6 +127,21 @@ fn backward_bytes_per_token(a: &LlamaConfig, e: usize) -> f64 {
     e * (3.0 * a.intermediate_size as f64 + 4.0 * a.hidden_size as f64)
 }
 
+/// Trainable parameters of the stage with the most (the head or embeddings, V x C, or one layer):
+/// what ZeRO-2 holds in full while that stage runs backward.
+fn largest_stage(a: &LlamaConfig, lora: Option<&(i64, Vec<&'static str>, bool)>) -> f64 {
+    let layers = a.num_hidden_layers.max(1);
+    match lora {
+        Some((r, targets, _)) => (lora_parameters(a, *r, targets) / layers) as f64,
+        None => {
+            let table = (a.vocab_size * a.hidden_size) as f64;
+            let layer =
+                (a.num_parameters() as f64 - table * if a.tie_word_embeddings { 1.0 } else { 2.0 }) / layers as f64;
+            table.max(layer)
+        }
+    }
+}
+
 /// Trainable parameters of the adapters.
 pub fn lora_parameters(a: &LlamaConfig, r: i64, targets: &[&str]) -> i64 {
     let (c, f) = (a.hidden_size, a.intermediate_size);
@@ -165,13 +183,29 @@ pub fn predict(m: &MemoryInputs) -> MemoryPlan {
         (p_model + if m.lora.is_some() { p_train } else { 0.0 }) * e,
         format!("{p_model:.3e} parameters x {e} B"),
     );
-    part("gradients", p_train * e, format!("{p_train:.3e} trainable x {e} B"));
+    // Sharded, a rank also keeps the summed gradient of its slice (1/W); ZeRO-2 frees the full ones
+    // but those of the stage in backward (the buckets in flight are counted below).
+    let w = if m.shard == Shard::None { 1.0 } else { m.world.max(1) as f64 };
+    let (full_grads, how) = match m.shard {
+        Shard::Gradients if m.world > 1 => {
+            let stage = largest_stage(a, m.lora.as_ref()).min(p_train);
+            (stage, format!("{stage:.3e} of the largest stage x {e} B + 1/{w} slice"))
+        }
+        Shard::None => (p_train, format!("{p_train:.3e} trainable x {e} B")),
+        _ => (p_train, format!("{p_train:.3e} trainable x {e} B + 1/{w} slice")),
+    };
+    let slice = if w > 1.0 { p_train * e / w } else { 0.0 };
+    part("gradients", full_grads * e + slice, how);
     // AdamW moments are fp32 (8 B a parameter); fp32 masters only when computing in bf16.
     let masters = if m.compute_bytes == 4 { 0.0 } else { 4.0 };
     part(
         "optimizer state",
-        p_train * (8.0 + masters),
-        format!("{p_train:.3e} x (8 B moments{})", if masters > 0.0 { " + 4 B fp32 masters" } else { "" }),
+        p_train * (8.0 + masters) / w,
+        format!(
+            "{p_train:.3e} x (8 B moments{}){}",
+            if masters > 0.0 { " + 4 B fp32 masters" } else { "" },
+            if w > 1.0 { format!(" / {w} ranks") } else { String::new() }
+        ),
     );
     let per_layer = layer_bytes_per_token(a, m.compute_bytes, m.lora.as_ref());
     // Kept graphs of the layers not recomputed, inputs of those recomputed, and one recomputed layer's
@@ -272,6 +306,7 @@ pub fn inputs_for<'a>(
         loss_chunk,
         trained: None,
         world: plan.world_size,
+        shard: plan.shard,
         bucket_bytes: t.bucket_bytes(),
         cuda: device.is_cuda(),
     }
@@ -288,10 +323,19 @@ pub struct Knob {
 type Change = (&'static [&'static str], fn(&mut MemoryInputs));
 
 /// The single changes that bring the prediction under `budget` bytes: activation checkpointing, a
-/// micro-batch of one row, bf16, LoRA (r = 16 on every linear), or rows halved until they fit (down to
-/// 256 tokens). When none does alone, all of them together, with rows halved as far as that needs.
+/// micro-batch of one row, bf16, sharding over several ranks (ZeRO-1, then ZeRO-2), LoRA (r = 16 on
+/// every linear), or rows halved until they fit (down to 256 tokens). When none does alone, all of them
+/// together, with rows halved as far as that needs.
 pub fn knobs_that_fit(m: &MemoryInputs, budget: f64) -> Vec<Knob> {
     let mut changes: Vec<Change> = vec![];
+    if m.world > 1 && m.lora.is_none() {
+        if m.shard == Shard::None {
+            changes.push((&["train.shard=optimizer"], |i| i.shard = Shard::Optimizer));
+        }
+        if m.shard != Shard::Gradients {
+            changes.push((&["train.shard=gradients"], |i| i.shard = Shard::Gradients));
+        }
+    }
     if m.checkpointing != Checkpointing::Full {
         changes.push((&["train.activation_checkpointing=full"], |i| i.checkpointing = Checkpointing::Full));
     }
@@ -319,7 +363,8 @@ pub fn knobs_that_fit(m: &MemoryInputs, budget: f64) -> Vec<Knob> {
     if fits.is_empty() && !changes.is_empty() {
         let mut all = m.clone();
         let mut set = vec![];
-        for (s, apply) in &changes {
+        // ZeRO-2 includes what ZeRO-1 saves.
+        for (s, apply) in changes.iter().filter(|(s, _)| s[0] != "train.shard=optimizer") {
             apply(&mut all);
             set.extend(s.iter().map(|s| s.to_string()));
         }
@@ -401,6 +446,7 @@ mod tests {
             loss_chunk: 523,
             trained: None,
             world: 1,
+            shard: Shard::None,
             bucket_bytes: 25 << 20,
             cuda: true,
         };
@@ -432,5 +478,43 @@ mod tests {
             "{small:?}"
         );
         assert!(sets(1e9).is_empty(), "the weights alone exceed 1 GB");
+    }
+
+    /// Full fine-tuning of Llama 3.1 8B in bf16 on 8 ranks of 80 GB with checkpointing: 16 bytes a
+    /// parameter unsharded (128 GB) does not fit; ZeRO-1 divides the 12 bytes of moments and masters by
+    /// 8, ZeRO-2 also the 2 of gradients (but the largest stage's, the 128,256 x 4,096 embeddings).
+    #[test]
+    fn sharding_divides_the_optimizer_state_and_gradients_by_the_world_size() {
+        let a = llama31_8b();
+        let p = a.num_parameters() as f64;
+        let base = MemoryInputs {
+            arch: &a,
+            compute_bytes: 2,
+            lora: None,
+            checkpointing: Checkpointing::Full,
+            rows: 1,
+            seq: 8192,
+            loss_chunk: 523,
+            trained: None,
+            world: 8,
+            shard: Shard::None,
+            bucket_bytes: 25 << 20,
+            cuda: true,
+        };
+        let get = |m: &MemoryInputs, n: &str| predict(m).parts.iter().find(|x| x.name == n).unwrap().bytes;
+        let zero1 = MemoryInputs { shard: Shard::Optimizer, ..base.clone() };
+        let zero2 = MemoryInputs { shard: Shard::Gradients, ..base.clone() };
+        assert_eq!(get(&base, "optimizer state"), 12.0 * p);
+        assert_eq!(get(&zero1, "optimizer state"), 12.0 * p / 8.0);
+        assert_eq!(get(&zero2, "optimizer state"), 12.0 * p / 8.0);
+        assert_eq!(get(&zero1, "gradients"), 2.0 * p + 2.0 * p / 8.0);
+        assert_eq!(get(&zero2, "gradients"), 2.0 * 128_256.0 * 4096.0 + 2.0 * p / 8.0);
+        let (none, one, two) = (predict(&base).total, predict(&zero1).total, predict(&zero2).total);
+        assert!(none > 130e9 && one < 80e9 && two < one, "{none:e} {one:e} {two:e}");
+        let sets: Vec<Vec<String>> = knobs_that_fit(&base, 80e9).into_iter().map(|k| k.set).collect();
+        assert_eq!(sets[..2], [vec!["train.shard=optimizer".to_string()], vec!["train.shard=gradients".to_string()]]);
+        // One rank has nothing to shard over.
+        let alone = MemoryInputs { world: 1, ..base.clone() };
+        assert!(knobs_that_fit(&alone, 80e9).iter().all(|k| !k.set.iter().any(|s| s.starts_with("train.shard"))));
     }
 }

@@ -70,7 +70,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
     }
     println!("does not fit: {:.2} GB over {:.2} GB ({source})", gb(predicted.total - budget), gb(budget));
     if knobs.is_empty() {
-        println!("no change tried here makes it fit (checkpointing, micro-batch 1, bf16, LoRA, rows down to 256 tokens, and all of them together); sharding optimizer state over ranks is not implemented yet");
+        println!("no change tried here makes it fit (checkpointing, micro-batch 1, bf16, sharding optimizer state and gradients over the ranks when there are several, LoRA, rows down to 256 tokens, and all of them together)");
     } else {
         println!("each of these would fit:");
         for k in &knobs {
