@@ -1,9 +1,12 @@
-//! CPU all-reduce bandwidth: ferrotune's TCP ring against torch.distributed with the gloo backend
+//! CPU collective bandwidth: ferrotune's TCP ring against torch.distributed with the gloo backend
 //! (benches/allreduce_reference.py), two processes on this machine over loopback, float32 buffers from
-//! 1 MB to 256 MB (BENCH_SIZES_MB), side by side in one invocation. Both sides run one untimed
-//! all-reduce per size, then BENCH_ITERS (default 5) timed ones, and check the summed values.
-//! Reported: algorithm bandwidth (buffer bytes / seconds per all-reduce) and the ratio. A measurement,
-//! not a test: `scripts/cargo bench --bench allreduce`. Not covered: more than one machine, NCCL.
+//! 1 MB to 256 MB (BENCH_SIZES_MB), side by side in one invocation, for the three collectives training
+//! uses: all-reduce (unsharded gradients), reduce-scatter (sharded gradients) and all-gather (sharded
+//! weights after the step). A buffer of S MB is the all-reduce's tensor, the reduce-scatter's input
+//! and the all-gather's output (halves per rank). Both sides run one untimed call per size and
+//! collective, then BENCH_ITERS (default 5) timed ones, and check the values. Reported: algorithm
+//! bandwidth (buffer bytes / seconds per call) and the ratio. A measurement, not a test:
+//! `scripts/cargo bench --bench allreduce`. Not covered: more than one machine, NCCL.
 
 use ferrotune_data::fixtures;
 use ferrotune_launcher::RankEnv;
@@ -36,20 +39,35 @@ fn ours(rank: usize, port: u16, sizes: &[usize], iters: usize) {
     };
     let mut joined = dist::init(&env, Device::Cpu).expect("join");
     let coll = &mut *joined.coll;
-    let mut out = BTreeMap::new();
+    let mut out: BTreeMap<&str, BTreeMap<String, f64>> = BTreeMap::new();
     for &mb in sizes {
-        let t = Tensor::full([(mb << 20) as i64 / 4], (rank + 1) as f64, (Kind::Float, Device::Cpu));
-        coll.all_reduce_sum(&t).unwrap();
-        coll.barrier().unwrap();
-        let t0 = Instant::now();
-        for _ in 0..iters {
-            coll.all_reduce_sum(&t).unwrap();
+        let n = (mb << 20) / 4;
+        let bounds = dist::flat::shard_bounds(n, 2);
+        let (lo, hi) = (bounds[rank] as i64, bounds[rank + 1] as i64);
+        let ops: [(&str, &dyn Fn(&mut dyn dist::Collective, &Tensor)); 3] = [
+            ("all_reduce", &|c, t| c.all_reduce_sum(t).unwrap()),
+            ("reduce_scatter", &|c, t| c.reduce_scatter_sum(t, &bounds).unwrap()),
+            ("all_gather", &|c, t| c.all_gather(t, &bounds).unwrap()),
+        ];
+        for (name, op) in ops {
+            let t = Tensor::full([n as i64], (rank + 1) as f64, (Kind::Float, Device::Cpu));
+            op(coll, &t);
+            // The untimed call is checked: sums of ranks' 1 and 2, or each part from its rank.
+            let (first, last) = (t.double_value(&[0]), t.double_value(&[n as i64 - 1]));
+            let ok = match name {
+                "all_reduce" => first == 3.0 && last == 3.0,
+                "reduce_scatter" => t.double_value(&[lo]) == 3.0 && t.double_value(&[hi - 1]) == 3.0,
+                _ => first == 1.0 && last == 2.0,
+            };
+            assert!(ok, "{name} of {mb} MB on rank {rank}: {first} .. {last}");
+            coll.barrier().unwrap();
+            let t0 = Instant::now();
+            for _ in 0..iters {
+                op(coll, &t);
+            }
+            let secs = t0.elapsed().as_secs_f64() / iters as f64;
+            out.entry(name).or_default().insert(mb.to_string(), secs);
         }
-        let secs = t0.elapsed().as_secs_f64() / iters as f64;
-        let expected = 3.0 * 2f64.powi(iters as i32);
-        let got = t.double_value(&[0]);
-        assert!((got - expected).abs() <= 1e-3 * expected && t.double_value(&[t.numel() as i64 - 1]) == got);
-        out.insert(mb.to_string(), secs);
     }
     if rank == 0 {
         println!("{}", serde_json::to_string(&out).unwrap());
@@ -103,11 +121,15 @@ fn main() {
             .env("MASTER_PORT", port.to_string());
         c
     });
-    println!("all-reduce (sum) of float32 buffers, 2 processes on loopback, {iters} timed iterations per size");
-    println!("{:>8} {:>14} {:>14} {:>8}", "size MB", "ring GB/s", "gloo GB/s", "ratio");
-    for mb in &sizes {
-        let bw = |v: &serde_json::Value| (*mb as f64 * (1 << 20) as f64) / v[mb.to_string()].as_f64().unwrap() / 1e9;
-        let (a, b) = (bw(&mine), bw(&gloo));
-        println!("{mb:>8} {a:>14.2} {b:>14.2} {:>7.2}x", a / b);
+    println!("float32 buffers, 2 processes on loopback, {iters} timed iterations per size and collective");
+    println!("{:>15} {:>8} {:>14} {:>14} {:>8}", "collective", "size MB", "ring GB/s", "gloo GB/s", "ratio");
+    for op in ["all_reduce", "reduce_scatter", "all_gather"] {
+        for mb in &sizes {
+            let bw = |v: &serde_json::Value| {
+                (*mb as f64 * (1 << 20) as f64) / v[op][mb.to_string()].as_f64().unwrap() / 1e9
+            };
+            let (a, b) = (bw(&mine), bw(&gloo));
+            println!("{op:>15} {mb:>8} {a:>14.2} {b:>14.2} {:>7.2}x", a / b);
+        }
     }
 }
