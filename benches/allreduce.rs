@@ -125,9 +125,8 @@ fn main() {
     println!("{:>15} {:>8} {:>14} {:>14} {:>8}", "collective", "size MB", "ring GB/s", "gloo GB/s", "ratio");
     for op in ["all_reduce", "reduce_scatter", "all_gather"] {
         for mb in &sizes {
-            let bw = |v: &serde_json::Value| {
-                (*mb as f64 * (1 << 20) as f64) / v[op][mb.to_string()].as_f64().unwrap() / 1e9
-            };
+            let bw =
+                |v: &serde_json::Value| (*mb as f64 * (1 << 20) as f64) / v[op][mb.to_string()].as_f64().unwrap() / 1e9;
             let (a, b) = (bw(&mine), bw(&gloo));
             println!("{op:>15} {mb:>8} {a:>14.2} {b:>14.2} {:>7.2}x", a / b);
         }
