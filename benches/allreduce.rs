@@ -20,6 +20,9 @@ fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
 }
 
+/// One collective call on a tensor.
+type CollectiveOp<'a> = dyn Fn(&mut dyn dist::Collective, &Tensor) + 'a;
+
 /// One rank of ours (run in a child process); rank 0 prints {size_mb: seconds}.
 fn ours(rank: usize, port: u16, sizes: &[usize], iters: usize) {
     let env = JobEnv {
@@ -44,7 +47,7 @@ fn ours(rank: usize, port: u16, sizes: &[usize], iters: usize) {
         let n = (mb << 20) / 4;
         let bounds = dist::flat::shard_bounds(n, 2);
         let (lo, hi) = (bounds[rank] as i64, bounds[rank + 1] as i64);
-        let ops: [(&str, &dyn Fn(&mut dyn dist::Collective, &Tensor)); 3] = [
+        let ops: [(&str, &CollectiveOp); 3] = [
             ("all_reduce", &|c, t| c.all_reduce_sum(t).unwrap()),
             ("reduce_scatter", &|c, t| c.reduce_scatter_sum(t, &bounds).unwrap()),
             ("all_gather", &|c, t| c.all_gather(t, &bounds).unwrap()),

@@ -415,6 +415,24 @@ mod tests {
         LlamaConfig::from_json(&v, std::path::Path::new("config.json")).unwrap()
     }
 
+    /// Full fine-tuning in bf16 on CUDA, rows of 8,192, full checkpointing, unsharded, on `world` ranks.
+    fn full_8b(a: &LlamaConfig, world: usize) -> MemoryInputs<'_> {
+        MemoryInputs {
+            arch: a,
+            compute_bytes: 2,
+            lora: None,
+            checkpointing: Checkpointing::Full,
+            rows: 1,
+            seq: 8192,
+            loss_chunk: 523,
+            trained: None,
+            world,
+            shard: Shard::None,
+            bucket_bytes: 25 << 20,
+            cuda: true,
+        }
+    }
+
     #[test]
     fn a_layer_keeps_what_autograd_saves() {
         let v = serde_json::json!({
@@ -436,20 +454,7 @@ mod tests {
     fn llama_8b_parts_follow_the_byte_counts_of_design_8() {
         let a = llama31_8b();
         assert_eq!(a.num_parameters(), 8_030_261_248); // Llama 3.1 8B's published count
-        let full = MemoryInputs {
-            arch: &a,
-            compute_bytes: 2,
-            lora: None,
-            checkpointing: Checkpointing::Full,
-            rows: 1,
-            seq: 8192,
-            loss_chunk: 523,
-            trained: None,
-            world: 1,
-            shard: Shard::None,
-            bucket_bytes: 25 << 20,
-            cuda: true,
-        };
+        let full = full_8b(&a, 1);
         let p = predict(&full);
         let get = |p: &MemoryPlan, n: &str| p.parts.iter().find(|x| x.name == n).unwrap().bytes;
         // bf16 weights 2P, bf16 gradients 2P, fp32 moments and masters 12P (DESIGN.md §8).
@@ -487,20 +492,7 @@ mod tests {
     fn sharding_divides_the_optimizer_state_and_gradients_by_the_world_size() {
         let a = llama31_8b();
         let p = a.num_parameters() as f64;
-        let base = MemoryInputs {
-            arch: &a,
-            compute_bytes: 2,
-            lora: None,
-            checkpointing: Checkpointing::Full,
-            rows: 1,
-            seq: 8192,
-            loss_chunk: 523,
-            trained: None,
-            world: 8,
-            shard: Shard::None,
-            bucket_bytes: 25 << 20,
-            cuda: true,
-        };
+        let base = full_8b(&a, 8);
         let get = |m: &MemoryInputs, n: &str| predict(m).parts.iter().find(|x| x.name == n).unwrap().bytes;
         let zero1 = MemoryInputs { shard: Shard::Optimizer, ..base.clone() };
         let zero2 = MemoryInputs { shard: Shard::Gradients, ..base.clone() };
