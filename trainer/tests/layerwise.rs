@@ -106,8 +106,15 @@ fn compare(trainer: &Trainer, kind: Kind) {
                 let d = norm(&(g.to_kind(Kind::Float) - r.to_kind(Kind::Float))) / norm(r);
                 // One-row logits run a matrix-vector kernel whose sums round differently from the
                 // matrix product of several rows (measured: 1.5e-5 on logits of 43; chunks of 7 rows are
-                // bitwise equal to the whole product). That moves every gradient by ~2e-6.
-                let tol = if chunk == 1 && kind == Kind::Float { 1e-5 } else { grad_tol };
+                // bitwise equal to the whole product on an Intel Xeon). That moves every gradient by ~2e-6.
+                // Which kernel a row count gets depends on the CPU: on an AMD EPYC (AVX-512 BF16) chunks
+                // of 7 rows differ too, moving gradients by up to 5e-6 (LoRA) and one-row chunks by 1.1e-5;
+                // chunks of every trained position are bitwise equal on both.
+                let tol = match (chunk, kind) {
+                    (1, Kind::Float) => 5e-5,
+                    (_, Kind::Float) if chunk < n => 2e-5,
+                    _ => grad_tol,
+                };
                 assert!(d <= tol, "{checkpointing:?} chunk {chunk}: {name} differs by {d:e} relative");
                 worst = worst.max(d);
                 worst_element = worst_element.max(max_abs_diff(g, r) / max_abs(r));
