@@ -24,7 +24,7 @@ use ferrotune_trainer::layerwise::{default_loss_chunk, Checkpointing, StepOption
 use ferrotune_trainer::learner::Trainer;
 use ferrotune_trainer::lora::LoraConfig;
 use ferrotune_trainer::metrics::peak_rss_bytes;
-use ferrotune_trainer::optim::AdamWConfig;
+use ferrotune_trainer::optim::{AdamWConfig, ShardOf};
 use serde_json::{json, Value};
 use std::io::Write;
 use std::path::Path;
@@ -52,9 +52,7 @@ fn ours(model: &Path, rows: &Path, mode: &str, dtype: &str) -> Value {
         target_modules: vec!["all-linear".into()],
     });
     let adamw = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
-    let mut trainer =
-        Trainer::new(model, kind_of(dtype), Device::Cpu, lora, adamw, 0, ferrotune_trainer::optim::ShardOf::ALL)
-            .unwrap();
+    let mut trainer = Trainer::new(model, kind_of(dtype), Device::Cpu, lora, adamw, 0, ShardOf::ALL).unwrap();
     let checkpointing: String = env_or("BENCH_CHECKPOINTING", "none".to_string());
     let opts = StepOptions {
         checkpointing: Checkpointing::parse(&checkpointing, 2).expect("BENCH_CHECKPOINTING is none, full or selective"),

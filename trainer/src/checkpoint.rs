@@ -107,12 +107,11 @@ pub fn save_all(
 ) -> Result<PathBuf> {
     let (rank, world) = (coll.rank(), coll.world());
     let partial = checkpoints_dir(run_dir).join(format!("step-{step}.partial"));
+    // `agree` is an error on every rank when any rank's part failed (its own error in its message).
     let prepared = if rank == 0 { fresh_partial(run_dir, step).map(|_| ()) } else { Ok(()) };
     agree(coll, prepared.as_ref().err(), "making the checkpoint directory")?;
-    prepared?;
     let wrote = write(&partial);
-    let all = agree(coll, wrote.as_ref().err(), "writing its part of the checkpoint");
-    let finished = match (rank, all.and(wrote)) {
+    let finished = match (rank, agree(coll, wrote.as_ref().err(), "writing its part of the checkpoint")) {
         (0, Ok(())) => expected(&partial).and_then(|files| {
             if let Some(missing) = files.iter().find(|f| !f.exists()) {
                 return Err(Error::Checkpoint {

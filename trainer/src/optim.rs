@@ -113,6 +113,11 @@ impl AdamW {
         4 * (2 * n + self.master.as_ref().map_or(0, |m| m.numel()))
     }
 
+    /// What `state_bytes` would be unsharded: 8 bytes a trainable element, 12 with masters.
+    pub fn unsharded_state_bytes(&self) -> usize {
+        self.layout.total * if self.master.is_some() { 12 } else { 8 }
+    }
+
     /// The gradient of segment `s`, (len,) in the parameters' dtype: a view, so scaling it in place
     /// scales what the update reads.
     fn grad_of(&self, s: &Segment) -> Tensor {

@@ -55,13 +55,12 @@ impl AdamW {
         }
     }
 
-    /// Writes `optimizer.json` into `dir` (rank 0's part of a checkpoint).
+    /// Writes `optimizer.json` into `dir` (rank 0's part of a checkpoint; the checkpoint's `DONE`, not
+    /// this file, says it is complete).
     pub fn save_index(&self, dir: &Path) -> Result<()> {
         let p = dir.join(INDEX);
-        let tmp = dir.join(format!(".{INDEX}.partial"));
-        std::fs::write(&tmp, serde_json::to_string_pretty(&self.index()).expect("index serializes"))
-            .map_err(Error::io(&tmp))?;
-        std::fs::rename(&tmp, &p).map_err(Error::io(&p))
+        std::fs::write(&p, serde_json::to_string_pretty(&self.index()).expect("index serializes"))
+            .map_err(Error::io(&p))
     }
 
     /// Writes this rank's slice of the state into `dir` (complete or absent).

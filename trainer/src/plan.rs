@@ -4,7 +4,7 @@
 //! everything else (accumulation steps, steps per epoch, warmup, checkpoint and evaluation steps) and
 //! fails with the arithmetic in the message. Nothing here touches a model or a file of data.
 
-use crate::dist::buckets::{parse_shard, Shard};
+use crate::dist::buckets::Shard;
 use crate::error::{Error, Result};
 use crate::layerwise::Checkpointing;
 use crate::lora::LoraConfig;
@@ -395,7 +395,7 @@ pub fn resolve(config: RunConfig, rows: usize, world_size: usize) -> Result<Plan
     }
     let eval_steps = evenly_spaced(total_steps, config.eval.n_evals);
     let checkpointing = checkpointing_for(&t.activation_checkpointing, t.selective_every, &config.model.device)?;
-    let shard = match parse_shard(&t.shard).map_err(|e| bad("train.shard", e.to_string()))? {
+    let shard = match Shard::parse(&t.shard).map_err(|e| bad("train.shard", e.to_string()))? {
         _ if world_size == 1 => Shard::None,
         s => s,
     };

@@ -256,12 +256,9 @@ fn set_up<'a>(
     } else {
         170e9
     };
-    let opt = &trainer.opt;
-    let tied = trainer.model.config.tie_word_embeddings;
-    let sharding = (plan.shard, rank, opt.shard_grad());
-    let layers = trainer.model.layers.len();
-    let buckets = GradBuckets::new(&trainer.trainable, opt.layout(), layers, t.bucket_bytes(), sharding, tied);
-    log_sharding(&plan, opt, buckets.len(), coll)?;
+    let (layers, tied) = (trainer.model.layers.len(), trainer.model.config.tie_word_embeddings);
+    let buckets = GradBuckets::new(&trainer.opt, layers, t.bucket_bytes(), plan.shard, tied);
+    log_sharding(&plan, &trainer.opt, buckets.len(), coll)?;
     // From here the memory figure is the training's: loading's transient peak (mapped checkpoint files
     // beside the weights) is not what the planner predicts.
     crate::metrics::reset_peak_rss();
@@ -396,8 +393,7 @@ fn log_sharding(plan: &Plan, opt: &crate::optim::AdamW, buckets: usize, coll: &m
             t.bucket_mb
         );
     }
-    let masters = if opt.master.is_some() { 12 } else { 8 };
-    let whole = opt.layout().total * masters;
+    let whole = opt.unsharded_state_bytes();
     tracing::info!(
         "optimizer state per rank (train.shard = {}): {} bytes of {whole} unsharded ({:.2} MB on rank 0)",
         serde_json::to_string(&plan.shard).expect("shard serializes").trim_matches('"'),

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use ferrotune_trainer::learner::Trainer;
 use ferrotune_trainer::lora::{self, LoraConfig};
-use ferrotune_trainer::optim::AdamWConfig;
+use ferrotune_trainer::optim::{AdamWConfig, ShardOf};
 use ferrotune_trainer::{load_model, weights};
 use tch::{Device, Kind, Tensor};
 
@@ -15,9 +15,7 @@ fn adapter_loads_in_peft_and_merged_export_in_transformers_with_our_logits() {
     let dir = fixture("tiny-llama-bias");
     let cfg = LoraConfig { r: 4, alpha: 16.0, dropout: 0.1, target_modules: vec!["all-linear".into()] };
     let adamw = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
-    let trainer =
-        Trainer::new(&dir, Kind::Float, Device::Cpu, Some(cfg), adamw, 5, ferrotune_trainer::optim::ShardOf::ALL)
-            .unwrap();
+    let trainer = Trainer::new(&dir, Kind::Float, Device::Cpu, Some(cfg), adamw, 5, ShardOf::ALL).unwrap();
     randomize_lora_b(&trainer.trainable, 0.1);
     let tmp = tempfile::tempdir().unwrap();
     let adapter = tmp.path().join("adapter");

@@ -21,7 +21,7 @@ use ferrotune_trainer::layerwise::{Checkpointing, Stage, StepOptions};
 use ferrotune_trainer::learner::Trainer;
 use ferrotune_trainer::lora::LoraConfig;
 use ferrotune_trainer::model::Attend;
-use ferrotune_trainer::optim::AdamWConfig;
+use ferrotune_trainer::optim::{AdamWConfig, ShardOf};
 use tch::{Device, Kind, Tensor};
 
 /// Two packed rows of 24 tokens: documents of 7, 9 and 5 tokens then 3 of padding, and of 12 and 10
@@ -131,16 +131,9 @@ fn compare(trainer: &Trainer, kind: Kind) {
 fn lora_with_dropout_layerwise_equals_the_whole_graph() {
     let cfg = LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, target_modules: vec!["all-linear".into()] };
     for kind in [Kind::Float, Kind::BFloat16] {
-        let trainer = Trainer::new(
-            &fixture("tiny-llama"),
-            kind,
-            Device::Cpu,
-            Some(cfg.clone()),
-            adamw(),
-            3,
-            ferrotune_trainer::optim::ShardOf::ALL,
-        )
-        .unwrap();
+        let trainer =
+            Trainer::new(&fixture("tiny-llama"), kind, Device::Cpu, Some(cfg.clone()), adamw(), 3, ShardOf::ALL)
+                .unwrap();
         tch::manual_seed(4);
         randomize_lora_b(&trainer.trainable, 0.05);
         compare(&trainer, kind);
@@ -150,16 +143,8 @@ fn lora_with_dropout_layerwise_equals_the_whole_graph() {
 #[test]
 fn full_fine_tuning_layerwise_equals_the_whole_graph() {
     for kind in [Kind::Float, Kind::BFloat16] {
-        let trainer = Trainer::new(
-            &fixture("tiny-llama-bias"),
-            kind,
-            Device::Cpu,
-            None,
-            adamw(),
-            0,
-            ferrotune_trainer::optim::ShardOf::ALL,
-        )
-        .unwrap();
+        let trainer =
+            Trainer::new(&fixture("tiny-llama-bias"), kind, Device::Cpu, None, adamw(), 0, ShardOf::ALL).unwrap();
         assert!(trainer.model.config.tie_word_embeddings);
         compare(&trainer, kind);
     }
@@ -169,16 +154,8 @@ fn full_fine_tuning_layerwise_equals_the_whole_graph() {
 /// graph does, so clipping and the optimizer see every tensor.
 #[test]
 fn nothing_trained_gives_zero_gradients_everywhere() {
-    let trainer = Trainer::new(
-        &fixture("tiny-llama-bias"),
-        Kind::Float,
-        Device::Cpu,
-        None,
-        adamw(),
-        0,
-        ferrotune_trainer::optim::ShardOf::ALL,
-    )
-    .unwrap();
+    let trainer =
+        Trainer::new(&fixture("tiny-llama-bias"), Kind::Float, Device::Cpu, None, adamw(), 0, ShardOf::ALL).unwrap();
     let mut b = packed_batch(trainer.model.config.vocab_size);
     b.idx = Tensor::zeros([0], (Kind::Int64, Device::Cpu));
     b.targets = Tensor::zeros([0], (Kind::Int64, Device::Cpu));

@@ -14,7 +14,7 @@ use ferrotune_trainer::batch::BatchTensors;
 use ferrotune_trainer::layerwise::{Checkpointing, StepOptions};
 use ferrotune_trainer::learner::Trainer;
 use ferrotune_trainer::lora::LoraConfig;
-use ferrotune_trainer::optim::AdamWConfig;
+use ferrotune_trainer::optim::{AdamWConfig, ShardOf};
 use tch::{Device, Kind, Tensor};
 
 const LR: f64 = 1e-3;
@@ -113,8 +113,7 @@ fn adamw() -> AdamWConfig {
 #[test]
 fn full_fine_tuning_step_equals_transformers() {
     let dir = fixture("tiny-llama-bias");
-    let mut trainer =
-        Trainer::new(&dir, Kind::Float, Device::Cpu, None, adamw(), 0, ferrotune_trainer::optim::ShardOf::ALL).unwrap();
+    let mut trainer = Trainer::new(&dir, Kind::Float, Device::Cpu, None, adamw(), 0, ShardOf::ALL).unwrap();
     let (input, labels, bt) = batch(trainer.model.config.vocab_size);
     let hf = hf_step(&dir, &input, &labels, None, None);
     step_and_compare(&mut trainer, &hf, &bt);
@@ -129,9 +128,7 @@ fn lora_step_equals_peft() {
         dropout: 0.0,
         target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
     };
-    let mut trainer =
-        Trainer::new(&dir, Kind::Float, Device::Cpu, Some(cfg), adamw(), 3, ferrotune_trainer::optim::ShardOf::ALL)
-            .unwrap();
+    let mut trainer = Trainer::new(&dir, Kind::Float, Device::Cpu, Some(cfg), adamw(), 3, ShardOf::ALL).unwrap();
     // B starts at zero (step 0 equals the base model); give it values so that A's gradient is non-zero too.
     randomize_lora_b(&trainer.trainable, 0.05);
     let tmp = tempfile::tempdir().unwrap();
@@ -152,16 +149,8 @@ fn layerwise_lora_step_with_dropout_equals_peft() {
     let cfg = LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, target_modules: vec!["all-linear".into()] };
     const KEY: u64 = 0x1234_5678_9abc_def0;
     for checkpointing in [Checkpointing::None, Checkpointing::Full] {
-        let mut trainer = Trainer::new(
-            &dir,
-            Kind::Float,
-            Device::Cpu,
-            Some(cfg.clone()),
-            adamw(),
-            3,
-            ferrotune_trainer::optim::ShardOf::ALL,
-        )
-        .unwrap();
+        let mut trainer =
+            Trainer::new(&dir, Kind::Float, Device::Cpu, Some(cfg.clone()), adamw(), 3, ShardOf::ALL).unwrap();
         tch::manual_seed(11);
         randomize_lora_b(&trainer.trainable, 0.05);
         let tmp = tempfile::tempdir().unwrap();
@@ -183,9 +172,7 @@ fn layerwise_lora_step_with_dropout_equals_peft() {
 fn dropout_masks_change_the_loss() {
     let dir = fixture("tiny-llama");
     let cfg = LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, target_modules: vec!["all-linear".into()] };
-    let trainer =
-        Trainer::new(&dir, Kind::Float, Device::Cpu, Some(cfg), adamw(), 3, ferrotune_trainer::optim::ShardOf::ALL)
-            .unwrap();
+    let trainer = Trainer::new(&dir, Kind::Float, Device::Cpu, Some(cfg), adamw(), 3, ShardOf::ALL).unwrap();
     tch::manual_seed(11);
     randomize_lora_b(&trainer.trainable, 0.05);
     let (_, _, bt) = batch(trainer.model.config.vocab_size);

@@ -17,10 +17,11 @@
 //! all-gathers every bucket's updated weights, one bucket at a time. This file does not run backward
 //! (`layerwise`) or update weights (`optim`).
 
-use super::flat::{bounds_within, Layout};
+use super::flat::bounds_within;
 use super::Collective;
 use crate::error::{Error, Result};
 use crate::layerwise::Stage;
+use crate::optim::AdamW;
 use tch::{Kind, Tensor};
 
 /// Started buckets whose results have not been written back, at most; past it the oldest are waited
@@ -40,12 +41,13 @@ pub enum Shard {
 }
 
 impl Shard {
-    pub fn parse(s: &str) -> Option<Shard> {
+    /// A `train.shard` value, or an error saying what it may be.
+    pub fn parse(s: &str) -> Result<Shard> {
         match s {
-            "none" => Some(Shard::None),
-            "optimizer" => Some(Shard::Optimizer),
-            "gradients" => Some(Shard::Gradients),
-            _ => None,
+            "none" => Ok(Shard::None),
+            "optimizer" => Ok(Shard::Optimizer),
+            "gradients" => Ok(Shard::Gradients),
+            v => Err(Error::Invalid(format!("`{v}` is not none, optimizer (ZeRO-1) or gradients (ZeRO-2)"))),
         }
     }
 }
@@ -64,7 +66,8 @@ struct Bucket {
 
 pub struct GradBuckets {
     params: Vec<Tensor>,
-    names: Vec<String>,
+    /// Indices into `params` of each stage's tensors, by backward rank (what ZeRO-2 makes again).
+    by_stage: Vec<Vec<usize>>,
     buckets: Vec<Bucket>,
     /// First bucket not yet started.
     next: usize,
@@ -82,24 +85,20 @@ pub struct GradBuckets {
 }
 
 impl GradBuckets {
-    /// Buckets of about `bucket_bytes` over the trainable `params` laid out as `layout` (of a model with
-    /// `layers` decoder layers); sharded, reductions add rank `rank`'s slice into `shard_grad`.
-    pub fn new(
-        params: &[(String, Tensor)],
-        layout: &Layout,
-        layers: usize,
-        bucket_bytes: usize,
-        sharding: (Shard, usize, Option<Tensor>),
-        tied: bool,
-    ) -> Self {
-        let (shard, rank, shard_grad) = sharding;
+    /// Buckets of about `bucket_bytes` over the tensors `opt` trains, in its flat layout, for a model
+    /// with `layers` decoder layers (`tied`: embeddings shared with `lm_head`). Sharded, reductions add
+    /// this rank's part into `opt`'s slice gradient.
+    pub fn new(opt: &AdamW, layers: usize, bucket_bytes: usize, shard: Shard, tied: bool) -> Self {
+        let (layout, params) = (opt.layout(), &opt.params);
         let mut buckets: Vec<Bucket> = vec![];
+        let mut by_stage = vec![vec![]; layers + 2];
         let mut bytes = 0;
         for &i in &layout.order {
             let (name, t) = &params[i];
             let size = t.numel() * 4;
             let (lo, hi) = (layout.offset[i], layout.offset[i] + t.numel());
             let ready = Stage::of(name).backward_rank(layers);
+            by_stage[ready].push(i);
             match buckets.last_mut() {
                 Some(b) if bytes + size <= bucket_bytes => {
                     b.members.push(i);
@@ -115,15 +114,15 @@ impl GradBuckets {
         }
         GradBuckets {
             params: params.iter().map(|(_, t)| t.shallow_clone()).collect(),
-            names: params.iter().map(|(n, _)| n.clone()).collect(),
+            by_stage,
             buckets,
             next: 0,
             written: 0,
             layers,
             shard,
             bounds: layout.bounds.clone(),
-            rank,
-            shard_grad,
+            rank: opt.shard().rank,
+            shard_grad: opt.shard_grad(),
             tied,
         }
     }
@@ -145,8 +144,10 @@ impl GradBuckets {
     /// Before a micro-batch's backward (ZeRO-2): the head's gradients (and the tied embeddings') exist.
     pub fn begin(&mut self) {
         if self.shard == Shard::Gradients {
-            let tied = self.tied;
-            self.materialize(|s| s == Stage::Head || (tied && s == Stage::Embed));
+            self.materialize(Stage::Head.backward_rank(self.layers));
+            if self.tied {
+                self.materialize(Stage::Embed.backward_rank(self.layers));
+            }
         }
     }
 
@@ -156,19 +157,19 @@ impl GradBuckets {
         let done = stage.backward_rank(self.layers);
         self.start_through(coll, done)?;
         if self.shard == Shard::Gradients {
-            let layers = self.layers;
-            self.materialize(|s| s.backward_rank(layers) == done + 1);
+            self.materialize(done + 1);
         }
         Ok(())
     }
 
-    /// Zeroed gradients for the freed `.grad` of every parameter whose stage `wanted` picks: autograd
-    /// adds into a `.grad` that exists, so a freed one (0 elements) must have its shape back first.
-    fn materialize(&mut self, wanted: impl Fn(Stage) -> bool) {
+    /// Zeroed gradients for the freed `.grad`s of the stage of backward rank `stage`: autograd adds
+    /// into a `.grad` that exists, so a freed one (0 elements) must have its shape back first.
+    fn materialize(&mut self, stage: usize) {
         let _guard = tch::no_grad_guard();
-        for (p, name) in self.params.iter().zip(&self.names) {
+        for &i in self.by_stage.get(stage).into_iter().flatten() {
+            let p = &self.params[i];
             let mut g = p.grad();
-            if g.defined() && g.numel() == 0 && p.numel() > 0 && wanted(Stage::of(name)) {
+            if g.defined() && g.numel() == 0 && p.numel() > 0 {
                 g.set_data(&p.zeros_like());
             }
         }
@@ -288,12 +289,6 @@ impl GradBuckets {
     }
 }
 
-/// A `train.shard` value, or an error saying what it may be.
-pub fn parse_shard(value: &str) -> Result<Shard> {
-    Shard::parse(value)
-        .ok_or_else(|| Error::Invalid(format!("`{value}` is not none, optimizer (ZeRO-1) or gradients (ZeRO-2)")))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,15 +304,16 @@ mod tests {
             p("model.layers.1.mlp.down_proj.weight", 10),
             p("model.norm.weight", 10),
         ];
-        let names: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
-        let layout = Layout::new(&names, &[10; 5], 2, 1);
-        let b = GradBuckets::new(&params, &layout, 2, 80, (Shard::None, 0, None), false);
+        let cfg = crate::optim::AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+        let opt = AdamW::new(params.into(), cfg, 2, crate::optim::ShardOf::ALL);
+        let b = GradBuckets::new(&opt, 2, 80, Shard::None, false);
         let members: Vec<Vec<usize>> = b.buckets.iter().map(|b| b.members.clone()).collect();
         assert_eq!(members, [vec![4, 2], vec![3, 1], vec![0]]);
         let ranges: Vec<(usize, usize)> = b.buckets.iter().map(|b| (b.lo, b.hi)).collect();
         assert_eq!(ranges, [(0, 20), (20, 40), (40, 50)]);
         let ready: Vec<usize> = b.buckets.iter().map(|b| b.ready_after).collect();
         assert_eq!(ready, [1, 2, 3]); // after layer 1, after layer 0, after the embeddings
+        assert_eq!(b.by_stage, [vec![4], vec![2, 3], vec![1], vec![0]]);
     }
 
     /// ZeRO-2's freeing: a `.grad` replaced by 0 elements, then given its shape back zeroed, takes the
