@@ -60,17 +60,14 @@ impl Layout {
         Layout { order, offset, numel: numels.to_vec(), total: at, bounds: shard_bounds(at, world) }
     }
 
-    pub fn world(&self) -> usize {
-        self.bounds.len() - 1
-    }
-
     /// Rank `rank`'s slice of the flat space.
     pub fn range(&self, rank: usize) -> (usize, usize) {
         (self.bounds[rank], self.bounds[rank + 1])
     }
 
-    /// The pieces of trainable tensors in `lo..hi`, in flat order (`at` relative to `lo`).
-    pub fn segments_in(&self, lo: usize, hi: usize) -> Vec<Segment> {
+    /// The pieces of trainable tensors in rank `rank`'s slice, in flat order.
+    pub fn segments(&self, rank: usize) -> Vec<Segment> {
+        let (lo, hi) = self.range(rank);
         let mut out = vec![];
         for &param in &self.order {
             let (a, b) = (self.offset[param], self.offset[param] + self.numel[param]);
@@ -80,17 +77,6 @@ impl Layout {
             }
         }
         out
-    }
-
-    /// The pieces of rank `rank`'s slice.
-    pub fn segments(&self, rank: usize) -> Vec<Segment> {
-        let (lo, hi) = self.range(rank);
-        self.segments_in(lo, hi)
-    }
-
-    /// The same tensors sliced over another world size.
-    pub fn with_world(&self, world: usize) -> Self {
-        Layout { bounds: shard_bounds(self.total, world), ..self.clone() }
     }
 }
 
@@ -115,7 +101,7 @@ mod tests {
         assert_eq!(s, [Segment { param: 1, start: 0, len: 3, at: 0 }, Segment { param: 0, start: 0, len: 2, at: 3 }]);
         // Every element is in exactly one rank's segments, for several world sizes.
         for w in 1..=5 {
-            let l = l.with_world(w);
+            let l = Layout::new(&names, &[5, 3, 3, 2], 2, w);
             let mut seen = vec![0; 13];
             for r in 0..w {
                 for seg in l.segments(r) {
