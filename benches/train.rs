@@ -14,12 +14,10 @@
 
 use ferrotune_data::cache::TokenCache;
 use ferrotune_data::encode::Encoder;
-use ferrotune_data::loader::{Batch, Loader};
 use ferrotune_data::mask::{MaskOptions, Strategy};
 use ferrotune_data::pack::Overlong;
 use ferrotune_data::prepare::{prepare_to_file, PrepareOptions};
 use ferrotune_data::{coqa, fixtures};
-use ferrotune_trainer::batch::to_tensors;
 use ferrotune_trainer::layerwise::{default_loss_chunk, Checkpointing, StepOptions};
 use ferrotune_trainer::learner::Trainer;
 use ferrotune_trainer::lora::LoraConfig;
@@ -30,7 +28,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 
 const WARMUP: usize = 1;
 
@@ -44,7 +42,6 @@ fn kind_of(dtype: &str) -> Kind {
 
 /// One side of the comparison: ferrotune's training step over the rows file (run in a child).
 fn ours(model: &Path, rows: &Path, mode: &str, dtype: &str) -> Value {
-    let t: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(rows).unwrap().into_iter().collect();
     let lora = (mode == "lora").then(|| LoraConfig {
         r: 8,
         alpha: 16.0,
@@ -58,33 +55,19 @@ fn ours(model: &Path, rows: &Path, mode: &str, dtype: &str) -> Value {
         checkpointing: Checkpointing::parse(&checkpointing, 2).expect("BENCH_CHECKPOINTING is none, full or selective"),
         loss_chunk: default_loss_chunk(trainer.model.config.vocab_size),
     };
-    let (steps, seq) = t["input_ids"].size2().unwrap();
-    let row = |name: &str, i: i64| Vec::<i64>::try_from(t[name].get(i)).unwrap();
+    let batches = ferrotune_trainer::probe::read_rows(rows, Device::Cpu).unwrap();
     let (mut losses, mut tokens, mut trained, mut t0) = (vec![], 0, 0, Instant::now());
-    for i in 0..steps {
-        if i as usize == WARMUP {
+    for (i, b) in batches.iter().enumerate() {
+        if i == WARMUP {
             t0 = Instant::now();
         }
-        let labels = row("labels", i);
-        let n = labels.iter().filter(|&&l| l != -100).count();
-        let batch = Batch {
-            rows: 1,
-            seq: seq as usize,
-            ids: row("input_ids", i),
-            position_ids: row("position_ids", i),
-            doc_ids: row("doc_ids", i),
-            labels,
-            trained_tokens: n,
-            row_indices: vec![i as usize],
-            epoch: 0,
-        };
-        let b = to_tensors(&batch, Device::Cpu);
-        let sum = trainer.micro_step_layerwise(&b, n as f64, &opts, &mut |_| Ok(())).unwrap();
+        let (n, seq) = (b.trained, b.ids.size()[1] as usize);
+        let sum = trainer.micro_step_layerwise(b, n as f64, &opts, &mut |_| Ok(())).unwrap();
         let _norm = trainer.opt.clip_grad_norm(1.0, &mut ferrotune_trainer::dist::Single).unwrap();
         trainer.opt.step(1e-4);
         losses.push(sum.double_value(&[]) / n as f64);
-        if i as usize >= WARMUP {
-            tokens += seq as usize;
+        if i >= WARMUP {
+            tokens += seq;
             trained += n;
         }
     }
@@ -108,22 +91,8 @@ fn write_rows(model: &Path, dir: &Path, seq: usize, steps: usize) -> std::path::
     prepare_to_file(&data, &enc, &opts, &cache_path, &|_, _| {}).unwrap();
     let cache = TokenCache::open(&cache_path).unwrap();
     assert!(cache.rows() >= steps, "the sample packs into {} rows; set BENCH_STEPS <= that", cache.rows());
-    let mut loader = Loader::new(&cache, 0, 1, 0, 1);
-    let batches: Vec<Batch> = (0..steps).map(|_| loader.next_batch()).collect();
-    let stack = |f: &dyn Fn(&Batch) -> Vec<i64>| {
-        Tensor::stack(&batches.iter().map(|b| Tensor::from_slice(&f(b))).collect::<Vec<_>>(), 0)
-    };
-    // transformers shifts labels itself: its label at i is the target of position i - 1.
-    let unshifted = |b: &Batch| std::iter::once(-100).chain(b.labels[..b.seq - 1].iter().copied()).collect();
     let path = dir.join("rows.safetensors");
-    let tensors = [
-        ("input_ids", stack(&|b| b.ids.clone())),
-        ("position_ids", stack(&|b| b.position_ids.clone())),
-        ("doc_ids", stack(&|b| b.doc_ids.clone())),
-        ("labels", stack(&|b| b.labels.clone())),
-        ("labels_hf", stack(&unshifted)),
-    ];
-    Tensor::write_safetensors(&tensors, &path).unwrap();
+    ferrotune_trainer::probe::write_rows(&cache, 0, steps, &path).unwrap();
     path
 }
 

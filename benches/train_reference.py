@@ -9,9 +9,13 @@ model's own shifted mean cross-entropy; passing position_ids without an attentio
 transformers build the block-diagonal causal mask of packed rows, so no token attends across
 conversations, like ferrotune), backward, clip_grad_norm_(1.0), torch.optim.AdamW. The first WARMUP steps
 are not timed. Prints one JSON object: tokens, trained tokens, seconds, peak RSS and the losses.
+scripts/gpu-check sets REF_DEVICE=cuda (the model and rows on that GPU; the JSON then also holds the
+caching allocator's peaks, peak_allocated and peak_reserved), REF_LORA_R (default 8) and
+REF_CHECKPOINTING=1 (transformers' gradient checkpointing, non-reentrant, like ferrotune's full).
 """
 
 import json
+import os
 import resource
 import sys
 import time
@@ -23,13 +27,19 @@ from transformers import AutoModelForCausalLM
 
 def main(model_dir, rows_path, mode, dtype, warmup):
     warmup = int(warmup)
-    rows = load_file(rows_path)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    device = os.environ.get("REF_DEVICE", "cpu")
+    r = int(os.environ.get("REF_LORA_R", "8"))
+    rows = {k: v.to(device) for k, v in load_file(rows_path).items()}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device)
     model.config.use_cache = False
+    if os.environ.get("REF_CHECKPOINTING") == "1":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear"))
+        if os.environ.get("REF_CHECKPOINTING") == "1":
+            model.enable_input_require_grads()
     else:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -55,9 +65,15 @@ def main(model_dir, rows_path, mode, dtype, warmup):
         if i >= warmup:
             tokens += ids.numel()
             trained += int((labels[:, 1:] != -100).sum())
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     secs = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"tokens": tokens, "trained": trained, "secs": secs, "peak_rss": peak, "losses": losses}))
+    out = {"tokens": tokens, "trained": trained, "secs": secs, "peak_rss": peak, "losses": losses}
+    if device.startswith("cuda"):
+        out["peak_allocated"] = torch.cuda.max_memory_allocated()
+        out["peak_reserved"] = torch.cuda.max_memory_reserved()
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

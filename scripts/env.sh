@@ -6,5 +6,6 @@ export FERROTUNE_VENV="$FERROTUNE_HOME/venv"
 export VIRTUAL_ENV="$FERROTUNE_VENV"
 export PATH="$FERROTUNE_VENV/bin:$PATH"
 export LIBTORCH_USE_PYTORCH=1
-# The binary carries libtorch's directory as its run path; nothing needs LD_LIBRARY_PATH.
-unset LD_LIBRARY_PATH
+# The binary carries libtorch's directory as its run path; nothing needs LD_LIBRARY_PATH. A ferrotune
+# built for another host (FERROTUNE_BIN, set by .device/run) finds that host's libtorch through it.
+[ -n "${FERROTUNE_BIN:-}" ] || unset LD_LIBRARY_PATH

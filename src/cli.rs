@@ -46,6 +46,141 @@ pub enum Command {
     /// Convert a dataset into ferrotune's chat JSONL.
     #[command(subcommand)]
     Convert(ConvertCommand),
+    /// Check this machine and its devices against references: what the hardware is and how fast its
+    /// matrix units run, and single forward/step/generation runs in files a reference reads too
+    /// (`scripts/gpu-check` drives these; see README "Checking a GPU host").
+    #[command(subcommand)]
+    Probe(ProbeCommand),
+}
+
+#[derive(Subcommand)]
+pub enum ProbeCommand {
+    /// The CPU (model, bf16 units), the CUDA devices and driver, the libtorch and NCCL loaded, and the
+    /// measured matrix-product peak of a device in fp32 and bf16 (cached in $FERROTUNE_HOME/peaks.json).
+    Env(ProbeEnvArgs),
+    /// One forward (and backward, with labels) of a model on a safetensors batch: logits, loss, gradients.
+    Forward(ProbeForwardArgs),
+    /// One optimizer step (LoRA or full fine-tuning) on a safetensors batch: loss, clipped gradient norm
+    /// and every trainable parameter after AdamW.
+    Step(ProbeStepArgs),
+    /// Greedy continuations of token-id prompts (a JSON list of lists), written as JSON.
+    Generate(ProbeGenerateArgs),
+    /// A 1-rank NCCL communicator on a GPU and an all-reduce of a known buffer.
+    Allreduce(ProbeDeviceArgs),
+    /// The first N packed rows a 1-rank `train` reads from a prepared cache, as a safetensors file for a
+    /// reference loop (input_ids, position_ids, doc_ids, labels, labels_hf).
+    Rows(ProbeRowsArgs),
+}
+
+/// The device and dtype a probe computes in.
+#[derive(clap::Args, Clone)]
+pub struct ProbeDeviceArgs {
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype: fp32 or bf16.
+    #[arg(long, default_value = "fp32")]
+    pub dtype: String,
+}
+
+#[derive(clap::Args)]
+pub struct ProbeEnvArgs {
+    /// Device whose matrix-product peak is measured: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Measure the peak again instead of taking it from the cache.
+    #[arg(long)]
+    pub remeasure: bool,
+}
+
+#[derive(clap::Args)]
+pub struct ProbeForwardArgs {
+    /// Hugging Face model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// safetensors with input_ids (B, T), optionally position_ids and labels (unshifted, -100 = ignored).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// safetensors to write: logits, and with labels loss and grad.NAME.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A parameter (Hugging Face name) whose gradient to write; repeatable.
+    #[arg(long = "grad", value_name = "NAME")]
+    pub grads: Vec<String>,
+    #[command(flatten)]
+    pub on: ProbeDeviceArgs,
+}
+
+#[derive(clap::Args)]
+pub struct ProbeStepArgs {
+    /// Hugging Face model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// safetensors with input_ids (B, T) and labels (unshifted, -100 = ignored).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// safetensors to write: loss, grad_norm and param.NAME of every trainable parameter after the step.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0.1)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.5)]
+    pub max_grad_norm: f64,
+    /// LoRA rank; without it the step is full fine-tuning.
+    #[arg(long)]
+    pub lora_r: Option<i64>,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = 8.0)]
+    pub lora_alpha: f64,
+    /// LoRA target modules, comma-separated (or all-linear).
+    #[arg(long, default_value = "all-linear")]
+    pub lora_targets: String,
+    /// Where the fresh adapters are written (peft layout) before the step, for the reference to load.
+    #[arg(long)]
+    pub adapter_out: Option<PathBuf>,
+    /// Activation checkpointing of the layer-wise step: none or full.
+    #[arg(long, default_value = "full")]
+    pub checkpointing: String,
+    /// Seed of the adapters' initialisation.
+    #[arg(long, default_value_t = 3)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub on: ProbeDeviceArgs,
+}
+
+#[derive(clap::Args)]
+pub struct ProbeGenerateArgs {
+    /// Hugging Face model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// JSON list of token-id lists.
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// JSON file to write: the generated ids of each prompt, cut before the first end-of-sequence id.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 16)]
+    pub max_new_tokens: usize,
+    #[command(flatten)]
+    pub on: ProbeDeviceArgs,
+}
+
+#[derive(clap::Args)]
+pub struct ProbeRowsArgs {
+    /// A token cache made by `prepare` or by `train` (RUN_DIR/cache/train.ftcache).
+    #[arg(long)]
+    pub cache: PathBuf,
+    /// The run's train.seed (the order rows are read in).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// How many rows (one per optimizer step).
+    #[arg(long)]
+    pub rows: usize,
+    /// safetensors file to write.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -170,6 +305,7 @@ impl Command {
                 | Command::Plan(_)
                 | Command::Eval(_)
                 | Command::Export(_)
+                | Command::Probe(_)
         )
     }
 
@@ -189,6 +325,7 @@ impl Command {
             Command::Preview(_) => "preview",
             Command::Prepare(_) => "prepare",
             Command::Convert(_) => "convert",
+            Command::Probe(_) => "probe",
         }
     }
 }

@@ -12,13 +12,26 @@ pub const WORKER: &str = "ferrotune-worker";
 
 /// Checks that libtorch is where the build found it (`dir`, normally `LIBTORCH_LIB`).
 pub fn check_libtorch(dir: Option<&str>) -> Result<PathBuf> {
+    check_libtorch_with(dir, std::env::var_os("LD_LIBRARY_PATH"))
+}
+
+/// `check_libtorch` with the loader path given.
+fn check_libtorch_with(dir: Option<&str>, ld_library_path: Option<std::ffi::OsString>) -> Result<PathBuf> {
     let Some(dir) = dir else {
         bail!("this ferrotune was built without libtorch; hint: build it with scripts/setup (or scripts/cargo build --release)")
     };
     let dir = PathBuf::from(dir);
     if !dir.join("libtorch_cpu.so").exists() {
+        // A build made for another host (../shared/device/build's `.device/run`) points the loader at that
+        // host's libtorch through LD_LIBRARY_PATH, which the loader searches before the run path.
+        let elsewhere = ld_library_path
+            .map(|v| std::env::split_paths(&v).find(|d| d.join("libtorch_cpu.so").exists()))
+            .unwrap_or_default();
+        if let Some(found) = elsewhere {
+            return Ok(found);
+        }
         bail!(
-            "libtorch is missing: ferrotune was built against {} (torch 2.13.0 from the Python environment), which no longer holds libtorch_cpu.so\nhint: run scripts/setup to reinstall it, or rebuild ferrotune against another torch 2.13.0 installation",
+            "libtorch is missing: ferrotune was built against {} (torch 2.13.0 from the Python environment), which no longer holds libtorch_cpu.so, and no directory of LD_LIBRARY_PATH holds one\nhint: run scripts/setup to reinstall it, or rebuild ferrotune against another torch 2.13.0 installation",
             dir.display()
         );
     }
@@ -68,11 +81,15 @@ mod tests {
 
     #[test]
     fn missing_libtorch_is_a_clear_error() {
-        let err = check_libtorch(Some("/nonexistent/torch/lib")).unwrap_err().to_string();
+        let err = check_libtorch_with(Some("/nonexistent/torch/lib"), None).unwrap_err().to_string();
         assert!(err.starts_with("libtorch is missing: ferrotune was built against /nonexistent/torch/lib"), "{err}");
         assert!(err.contains("hint: run scripts/setup"), "{err}");
         assert!(check_libtorch(None).unwrap_err().to_string().contains("built without libtorch"));
         // The build's own libtorch passes.
         assert!(check_libtorch(LIBTORCH_LIB).is_ok());
+        // A build for another host runs with that host's libtorch on LD_LIBRARY_PATH.
+        let path = std::env::join_paths(["/nonexistent", LIBTORCH_LIB.unwrap()]).unwrap();
+        let found = check_libtorch_with(Some("/nonexistent/torch/lib"), Some(path)).unwrap();
+        assert_eq!(found, PathBuf::from(LIBTORCH_LIB.unwrap()));
     }
 }

@@ -1,7 +1,8 @@
 """Hugging Face reference computations for ferrotune's tests (the oracle). Tests write their inputs,
 call this script with the project's venv python, and compare ferrotune's numbers with what it writes.
 Everything runs on CPU with transformers' default attention, in fp32 unless ORACLE_DTYPE=bfloat16;
-ORACLE_ADAPTER=DIR puts a peft adapter on the model for `forward`.
+ORACLE_ADAPTER=DIR puts a peft adapter on the model for `forward`; ORACLE_DEVICE=cuda (or cuda:N) runs
+the model computations on that GPU instead (scripts/gpu-check), inputs moved there and results back.
 
   oracle.py forward MODEL_DIR IN.safetensors OUT.safetensors [GRAD_PARAM ...]
       IN holds input_ids (B, T) and optionally position_ids (B, T) and labels (B, T) (unshifted, -100 =
@@ -35,15 +36,26 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 
+DEVICE = os.environ.get("ORACLE_DEVICE", "cpu")
+
+
 def load(model_dir):
     dtype = getattr(torch, os.environ.get("ORACLE_DTYPE", "float32"))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(DEVICE)
     model.eval()
     return model
 
 
+def inputs(path):
+    return {k: v.to(DEVICE) for k, v in load_file(path).items()}
+
+
+def save(result, out):
+    save_file({k: v.detach().cpu().contiguous() for k, v in result.items()}, out)
+
+
 def forward(model_dir, inp, out, *grad_params):
-    t = load_file(inp)
+    t = inputs(inp)
     model = load(model_dir)
     if os.environ.get("ORACLE_ADAPTER"):
         from peft import PeftModel
@@ -58,8 +70,8 @@ def forward(model_dir, inp, out, *grad_params):
         result["loss"] = res.loss.detach().reshape(1)
         params = dict(model.named_parameters())
         for name in grad_params:
-            result["grad." + name] = params[name].grad.detach().contiguous()
-    save_file(result, out)
+            result["grad." + name] = params[name].grad.detach().float().contiguous()
+    save(result, out)
 
 
 def generate(model_dir, prompts_path, out, max_new_tokens):
@@ -69,7 +81,7 @@ def generate(model_dir, prompts_path, out, max_new_tokens):
     outputs = []
     with torch.no_grad():
         for prompt in json.load(open(prompts_path)):
-            ids = torch.tensor([prompt])
+            ids = torch.tensor([prompt], device=DEVICE)
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=int(max_new_tokens), do_sample=False)
             new = gen[0, len(prompt):].tolist()
             cut = next((i for i, tok in enumerate(new) if tok in eos), len(new))
@@ -94,7 +106,7 @@ def seed_lora_dropout(model, key):
 
 
 def train_step(model_dir, inp, out, lr, wd, clip, adapter=None):
-    t = load_file(inp)
+    t = inputs(inp)
     model = load(model_dir)
     if adapter:
         from peft import PeftModel
@@ -118,7 +130,7 @@ def train_step(model_dir, inp, out, lr, wd, clip, adapter=None):
     result = {"loss": res.loss.detach().reshape(1), "grad_norm": norm.detach().reshape(1)}
     for n, p in params:
         result["param." + n] = p.detach().contiguous()
-    save_file(result, out)
+    save(result, out)
 
 
 def normalize_answer(s):

@@ -7,8 +7,12 @@
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    println!("cargo::rustc-check-cfg=cfg(ferrotune_cuda_stats)");
     let Some(lib) = std::env::var_os("DEP_TCH_LIBTORCH_LIB") else { return };
     let lib = lib.to_string_lossy();
+    if std::env::var("CARGO_PKG_NAME").as_deref() == Ok("ferrotune-trainer") {
+        cuda_memory_shim(std::path::Path::new(lib.as_ref()));
+    }
     // Keep libtorch (and through it libtorch_cuda) even though no symbol of it is referenced directly,
     // so that CUDA devices are visible.
     let mut args = vec![format!("-Wl,-rpath,{lib}"), "-Wl,--no-as-needed".into(), "-ltorch".into()];
@@ -35,4 +39,25 @@ fn main() {
         }
     }
     println!("cargo:rustc-env=FERROTUNE_LIBTORCH_LIB={lib}");
+}
+
+/// Compiles csrc/cuda_memory.cpp (the CUDA caching allocator's statistics) when libtorch was built with
+/// CUDA and its c10 has the device-agnostic allocator interface (torch 2.9 and later), and sets
+/// `cfg(ferrotune_cuda_stats)`. Without them memory on CUDA falls back to the driver's view.
+fn cuda_memory_shim(lib: &std::path::Path) {
+    println!("cargo:rerun-if-changed=csrc/cuda_memory.cpp");
+    let include = lib.join("../include");
+    let header = std::fs::read_to_string(include.join("c10/core/CachingDeviceAllocator.h")).unwrap_or_default();
+    if !lib.join("libtorch_cuda.so").exists() || !header.contains("getDeviceAllocator") {
+        return;
+    }
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .flag("-std=c++17")
+        .include(&include)
+        .file("csrc/cuda_memory.cpp")
+        .compile("ferrotune_cuda_memory");
+    println!("cargo:rustc-cfg=ferrotune_cuda_stats");
 }

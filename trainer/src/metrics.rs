@@ -140,13 +140,60 @@ pub fn peak_rss_bytes() -> Option<u64> {
 }
 
 /// The memory figure logged as `train/peak_mem_gb`: on CPU the process's peak resident memory (VmHWM);
-/// on CUDA the highest device memory in use (total - free, what nvidia-smi shows: the caching
-/// allocator's reserve included, other processes on the GPU too) seen at the samples taken so far, read
-/// through the CUDA driver. A device that cannot be queried reports nothing rather than host memory.
+/// on CUDA the caching allocator's peak reserve (`torch.cuda.max_memory_reserved`; its peak of
+/// allocated bytes is logged beside it as `train/peak_allocated_gb`) where ferrotune was built with the
+/// allocator shim, else the highest device memory in use (total - free, what nvidia-smi shows: other
+/// processes on the GPU too) seen at the samples taken so far, read through the CUDA driver. A device
+/// that cannot be queried reports nothing rather than host memory.
 pub struct PeakMemory {
     cuda: Option<std::sync::Arc<cudarc::driver::CudaContext>>,
+    ordinal: usize,
     peak: u64,
 }
+
+/// The CUDA caching allocator's figures for one device, in bytes (`torch.cuda.memory_stats`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct CudaMemory {
+    pub allocated: u64,
+    pub peak_allocated: u64,
+    pub reserved: u64,
+    pub peak_reserved: u64,
+}
+
+#[cfg(ferrotune_cuda_stats)]
+unsafe extern "C" {
+    fn ferrotune_cuda_memory_stats(device: i32, out: *mut i64) -> i32;
+    fn ferrotune_cuda_reset_peak(device: i32) -> i32;
+}
+
+/// The allocator's figures for `cuda:ordinal`; None without a GPU, before the allocator has been used on
+/// it, or when ferrotune was built against a libtorch without CUDA.
+pub fn cuda_memory(ordinal: usize) -> Option<CudaMemory> {
+    #[cfg(ferrotune_cuda_stats)]
+    {
+        let mut out = [0i64; 4];
+        // SAFETY: `out` has the 4 slots the shim writes; the shim catches every C++ exception.
+        if unsafe { ferrotune_cuda_memory_stats(ordinal as i32, out.as_mut_ptr()) } == 0 {
+            let [allocated, peak_allocated, reserved, peak_reserved] = out.map(|v| v.max(0) as u64);
+            return Some(CudaMemory { allocated, peak_allocated, reserved, peak_reserved });
+        }
+    }
+    let _ = ordinal;
+    None
+}
+
+/// Starts the allocator's peaks of `cuda:ordinal` again from its current figures (a no-op without it).
+pub fn reset_cuda_peak(ordinal: usize) {
+    #[cfg(ferrotune_cuda_stats)]
+    // SAFETY: the shim checks the ordinal and catches every C++ exception.
+    unsafe {
+        ferrotune_cuda_reset_peak(ordinal as i32);
+    }
+    let _ = ordinal;
+}
+
+/// Whether this build reads the CUDA caching allocator's statistics (see `cuda_memory`).
+pub const CUDA_ALLOCATOR_STATS: bool = cfg!(ferrotune_cuda_stats);
 
 impl PeakMemory {
     pub fn new(device: tch::Device) -> Self {
@@ -160,12 +207,19 @@ impl PeakMemory {
             },
             _ => None,
         };
-        PeakMemory { cuda, peak: 0 }
+        let ordinal = if let tch::Device::Cuda(n) = device { n } else { 0 };
+        PeakMemory { cuda, ordinal, peak: 0 }
+    }
+
+    /// The allocator's figures of the run's GPU (None on CPU or without the shim).
+    pub fn allocator(&self) -> Option<CudaMemory> {
+        self.cuda.as_ref().and(cuda_memory(self.ordinal))
     }
 
     /// Bytes (see the type), or `None` when unknown.
     pub fn sample(&mut self) -> Option<u64> {
         match &self.cuda {
+            Some(_) if self.allocator().is_some() => self.allocator().map(|m| m.peak_reserved),
             Some(ctx) => {
                 let (free, total) = ctx.mem_get_info().ok()?;
                 self.peak = self.peak.max((total - free) as u64);

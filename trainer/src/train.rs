@@ -262,6 +262,9 @@ fn set_up<'a>(
     // From here the memory figure is the training's: loading's transient peak (mapped checkpoint files
     // beside the weights) is not what the planner predicts.
     crate::metrics::reset_peak_rss();
+    if let Device::Cuda(n) = device {
+        crate::metrics::reset_cuda_peak(n);
+    }
     Ok(Run {
         plan,
         run_dir,
@@ -527,6 +530,7 @@ fn log_step(run: &mut Run, s: &StepDone, coll: &mut dyn Collective, logger: &mut
         ("train/epoch", step as f64 / run.plan.steps_per_epoch as f64),
     ];
     vals.extend(mem.map(|gb| ("train/peak_mem_gb", gb)));
+    vals.extend(run.memory.allocator().map(|m| ("train/peak_allocated_gb", m.peak_allocated as f64 / 1e9)));
     vals.extend(run.predicted.map(|b| ("train/predicted_mem_gb", b / 1e9)));
     logger.scalars(step, &vals);
     if run.world > 1 && run.lead {

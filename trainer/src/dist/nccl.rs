@@ -86,10 +86,26 @@ impl Nccl {
             }
             id
         };
+        Nccl::init(id, rank, world, device, ctx)
+    }
+
+    /// A communicator of one rank on `device` with no rendezvous (what `scripts/gpu-check` tests first:
+    /// the library loads, a communicator forms and a collective runs on this GPU).
+    pub fn single(device: Device) -> Result<Nccl> {
+        let err = |msg: String| Error::Dist { rank: 0, msg };
+        library().map_err(err)?;
+        let Device::Cuda(ordinal) = device else { return Err(err("NCCL reduces CUDA tensors only".into())) };
+        let ctx = cudarc::driver::CudaContext::new(ordinal).map_err(|e| err(format!("cuda:{ordinal}: {e:?}")))?;
+        ctx.bind_to_thread().map_err(|e| err(format!("cuda:{ordinal}: {e:?}")))?;
+        let id = result::get_uniqueid().map_err(|e| err(format!("ncclGetUniqueId: {e:?}")))?;
+        Nccl::init(id, 0, 1, device, ctx)
+    }
+
+    fn init(id: sys::ncclUniqueId, rank: usize, world: usize, device: Device, ctx: Arc<CudaContext>) -> Result<Nccl> {
         let mut comm = std::ptr::null_mut();
         // SAFETY: `comm` is a valid out-pointer; every rank passes the same id and world size.
         unsafe { result::comm_init_rank(&mut comm, world as i32, id, rank as i32) }
-            .map_err(|e| err(format!("ncclCommInitRank: {e:?}")))?;
+            .map_err(|e| Error::Dist { rank, msg: format!("ncclCommInitRank: {e:?}") })?;
         Ok(Nccl { rank, world, device, comm, ctx, side: None, started: 0 })
     }
 
@@ -253,7 +269,18 @@ mod tests {
     fn the_wheels_nccl_is_found_and_is_the_one_libtorch_loaded() {
         let (version, file) = super::library().unwrap();
         println!("NCCL {version} from {file}");
-        assert_eq!(version, 22907, "torch 2.13's wheel bundles NCCL 2.29.7");
         assert!(file.ends_with("nvidia/nccl/lib/libnccl.so.2"), "{file}");
+        // The version is the wheel's (2.29.7 beside torch 2.13, 2.28.9 beside the GPU host's torch 2.11):
+        // the one its pip metadata records, not a constant.
+        let site = std::path::Path::new(&file).ancestors().nth(4).unwrap().to_owned();
+        let wheel = std::fs::read_dir(&site)
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .find_map(|n| n.strip_prefix("nvidia_nccl_").and_then(|n| n.strip_suffix(".dist-info")).map(String::from))
+            .unwrap_or_else(|| panic!("no nvidia_nccl_*.dist-info in {}", site.display()));
+        let v: Vec<i32> = wheel.rsplit('-').next().unwrap().split('.').take(3).map(|x| x.parse().unwrap()).collect();
+        assert_eq!(version, v[0] * 10000 + v[1] * 100 + v[2], "the loaded NCCL is not the wheel's ({wheel})");
+        assert!(version >= 22800, "ferrotune needs NCCL 2.28 or later, found {version}");
     }
 }

@@ -4,6 +4,7 @@ pub mod eval;
 pub mod generate;
 pub mod inspect;
 pub mod plan;
+pub mod probe;
 pub mod train;
 
 use ferrotune::cli::Command;
@@ -17,6 +18,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Plan(args) => plan::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Export(args) => eval::export(args),
+        Command::Probe(command) => probe::run(command),
         other => ferrotune::data_commands::run(other),
     }
 }

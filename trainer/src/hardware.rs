@@ -1,0 +1,255 @@
+//! What the machine a run is on can do, read at run time rather than assumed: the CPU's model and its
+//! bf16 matrix units (AMX-BF16, AVX-512 BF16, from /proc/cpuinfo's flags), the CUDA devices the driver
+//! sees (name, memory, compute capability, driver version), the libtorch and NCCL actually loaded, and
+//! the measured matrix-product peak of a device and dtype (the MFU denominator), cached per machine under
+//! `$FERROTUNE_HOME/peaks.json`. It does not choose dtypes or settings for a run.
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// The host CPU as /proc/cpuinfo describes it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Cpu {
+    pub model: String,
+    /// Logical CPUs the kernel lists.
+    pub logical: usize,
+    /// Threads libtorch's CPU kernels use (`torch.get_num_threads()`).
+    pub torch_threads: i32,
+    pub amx_bf16: bool,
+    pub avx512_bf16: bool,
+    pub avx2: bool,
+}
+
+impl Cpu {
+    /// Reads /proc/cpuinfo (an empty model and no flags where it cannot be read).
+    pub fn detect() -> Cpu {
+        Cpu::from_cpuinfo(&std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default())
+    }
+
+    /// Parses the text of /proc/cpuinfo (the first processor's model name and flags).
+    pub fn from_cpuinfo(text: &str) -> Cpu {
+        let field = |name: &str| {
+            text.lines()
+                .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        let flags = field("flags");
+        let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+        Cpu {
+            model: field("model name"),
+            logical: text.lines().filter(|l| l.starts_with("processor")).count(),
+            torch_threads: tch::get_num_threads(),
+            amx_bf16: has("amx_bf16"),
+            avx512_bf16: has("avx512_bf16"),
+            avx2: has("avx2"),
+        }
+    }
+
+    /// Whether the CPU has bf16 matrix units (where bf16 products outrun fp32 ones).
+    pub fn has_bf16_units(&self) -> bool {
+        self.amx_bf16 || self.avx512_bf16
+    }
+
+    /// "AMX-BF16", "AVX-512 BF16" or "none (AVX2 only)" and the like, for logs and reports.
+    pub fn bf16_units(&self) -> String {
+        match (self.amx_bf16, self.avx512_bf16) {
+            (true, true) => "AMX-BF16 and AVX-512 BF16".into(),
+            (true, false) => "AMX-BF16".into(),
+            (false, true) => "AVX-512 BF16".into(),
+            _ if self.avx2 => "none (AVX2 only)".into(),
+            _ => "none".into(),
+        }
+    }
+}
+
+/// One CUDA device as the driver reports it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Gpu {
+    pub ordinal: usize,
+    pub name: String,
+    pub total_bytes: u64,
+    pub compute_capability: (i32, i32),
+}
+
+/// The CUDA devices the driver sees (empty when there is no driver or no device) and the driver's
+/// CUDA version (e.g. 13000 for 13.0), or why they could not be read.
+pub fn gpus() -> std::result::Result<(Vec<Gpu>, i32), String> {
+    use cudarc::driver::{result, sys};
+    // SAFETY: only tries to open the driver library; nothing is called when it is absent.
+    if !unsafe { sys::is_culib_present() } {
+        return Err("no CUDA driver (libcuda.so) on this machine".into());
+    }
+    result::init().map_err(|e| format!("cuInit: {e:?}"))?;
+    let mut version = 0;
+    // SAFETY: `version` is a valid out-pointer.
+    unsafe { sys::cuDriverGetVersion(&mut version) }.result().map_err(|e| format!("cuDriverGetVersion: {e:?}"))?;
+    let count = result::device::get_count().map_err(|e| format!("cuDeviceGetCount: {e:?}"))?;
+    let mut out = vec![];
+    for ordinal in 0..count as usize {
+        let ctx = cudarc::driver::CudaContext::new(ordinal).map_err(|e| format!("cuda:{ordinal}: {e:?}"))?;
+        out.push(Gpu {
+            ordinal,
+            name: ctx.name().map_err(|e| format!("cuda:{ordinal}: {e:?}"))?,
+            total_bytes: ctx.total_mem().map_err(|e| format!("cuda:{ordinal}: {e:?}"))? as u64,
+            compute_capability: ctx.compute_capability().map_err(|e| format!("cuda:{ordinal}: {e:?}"))?,
+        });
+    }
+    Ok((out, version))
+}
+
+/// The libtorch this process has loaded: the directory of its `libtorch_cpu.so` (from /proc/self/maps)
+/// and the version its Python package records beside it (`torch/version.py`), when it is there.
+pub fn libtorch() -> (Option<PathBuf>, Option<String>) {
+    // Touch libtorch so that it is mapped even before any tensor op.
+    let _ = tch::get_num_threads();
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let lib = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.ends_with("/libtorch_cpu.so"))
+        .and_then(|p| Path::new(p).parent().map(Path::to_path_buf));
+    let version = lib.as_ref().and_then(|l| std::fs::read_to_string(l.join("../version.py")).ok()).and_then(|v| {
+        v.lines().find_map(|l| l.strip_prefix("__version__ = ").map(|s| s.trim_matches(['\'', '"']).to_string()))
+    });
+    (lib, version)
+}
+
+/// A measured matrix-product rate.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Peak {
+    /// FLOP/s of the best timed product (2 n^3 FLOPs each).
+    pub flops: f64,
+    /// The side of the square products timed.
+    pub n: i64,
+    /// Whether it came from the cache rather than a measurement now.
+    #[serde(skip)]
+    pub cached: bool,
+}
+
+/// The key a peak is cached under: what decides it (CPU model and threads, or GPU name; dtype; libtorch).
+pub fn peak_key(device: Device, kind: Kind) -> String {
+    let what = match device {
+        Device::Cuda(n) => match gpus() {
+            Ok((g, _)) => g.get(n).map_or(format!("cuda:{n}"), |g| g.name.clone()),
+            Err(_) => format!("cuda:{n}"),
+        },
+        _ => {
+            let cpu = Cpu::detect();
+            format!("{} x{} threads", cpu.model, cpu.torch_threads)
+        }
+    };
+    format!("{what} | {kind:?} | libtorch {}", libtorch().1.unwrap_or_default())
+}
+
+/// The matrix-product peak of `device` in `kind`: from `cache` (a JSON map of `peak_key`s) when it
+/// holds one, else measured now (`measure_peak`) and written there. A cache that cannot be written is
+/// only a warning.
+pub fn peak(device: Device, kind: Kind, cache: &Path) -> Result<Peak> {
+    let key = peak_key(device, kind);
+    let mut all: BTreeMap<String, Peak> =
+        std::fs::read(cache).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+    if let Some(p) = all.get(&key) {
+        return Ok(Peak { cached: true, ..p.clone() });
+    }
+    let p = measure_peak(device, kind)?;
+    all.insert(key, p.clone());
+    let tmp = cache.with_extension("json.tmp");
+    let written = cache.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|_| {
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&all).expect("json"))?;
+        std::fs::rename(&tmp, cache)
+    });
+    if let Err(e) = written {
+        tracing::warn!("cannot cache the measured peak in {}: {e}", cache.display());
+    }
+    Ok(p)
+}
+
+/// Where peaks are cached: `$FERROTUNE_HOME/peaks.json`.
+pub fn peak_cache() -> PathBuf {
+    ferrotune_data::fixtures::home().join("peaks.json")
+}
+
+/// Times square matrix products of `kind` on `device`: a first product sizes the problem so that one
+/// takes about 30 ms (n between 512 and 4096 on CPU, 8192 on CUDA), then the best of 3 timed ones
+/// after a warm-up. Well under a second on every machine measured (see README).
+pub fn measure_peak(device: Device, kind: Kind) -> Result<Peak> {
+    if let Device::Cuda(n) = device {
+        if !tch::Cuda::is_available() || n as i64 >= tch::Cuda::device_count() {
+            return Err(Error::Invalid(format!(
+                "device cuda:{n} is not available (libtorch sees {} CUDA devices)",
+                tch::Cuda::device_count()
+            )));
+        }
+    }
+    let sync = || {
+        if let Device::Cuda(n) = device {
+            tch::Cuda::synchronize(n as i64);
+        }
+    };
+    let time = |n: i64, reps: usize| -> f64 {
+        let _guard = tch::no_grad_guard();
+        let a = Tensor::randn([n, n], (kind, device));
+        let b = Tensor::randn([n, n], (kind, device));
+        let mut best = f64::INFINITY;
+        for _ in 0..reps {
+            sync();
+            let t0 = Instant::now();
+            let c = a.matmul(&b);
+            sync();
+            best = best.min(t0.elapsed().as_secs_f64());
+            drop(c);
+        }
+        best
+    };
+    let max_n = if device.is_cuda() { 8192 } else { 4096 };
+    let probe = 512;
+    let secs = time(probe, 2);
+    // Products scale as n^3: choose n for ~30 ms, rounded to a multiple of 256.
+    let target = (probe as f64 * (0.03 / secs.max(1e-9)).cbrt()) as i64;
+    let n = (target / 256 * 256).clamp(probe, max_n);
+    let best = time(n, 4);
+    Ok(Peak { flops: 2.0 * (n as f64).powi(3) / best, n, cached: false })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_flags_decide_the_bf16_units() {
+        let amx = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\nprocessor\t: 1\n";
+        let c = Cpu::from_cpuinfo(amx);
+        assert_eq!(
+            (c.model.as_str(), c.logical, c.amx_bf16, c.avx512_bf16),
+            ("Intel(R) Xeon(R) Processor", 2, true, true)
+        );
+        assert!(c.has_bf16_units());
+        let avx2 = Cpu::from_cpuinfo("model name : AMD EPYC\nflags : fpu avx2 fma\n");
+        assert!(!avx2.has_bf16_units());
+        assert_eq!(avx2.bf16_units(), "none (AVX2 only)");
+        // A flag that only starts with the name is not the flag.
+        assert!(!Cpu::from_cpuinfo("flags : avx512_bf16x amx_bf16_\n").has_bf16_units());
+    }
+
+    /// The probe measures a real rate (well above zero, below an absurd bound) and caches it by key.
+    #[test]
+    fn peak_is_measured_once_then_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("peaks.json");
+        let t0 = Instant::now();
+        let p = peak(Device::Cpu, Kind::Float, &cache).unwrap();
+        let secs = t0.elapsed().as_secs_f64();
+        println!("fp32 CPU peak {:.1} GFLOP/s at n = {} in {secs:.2}s", p.flops / 1e9, p.n);
+        assert!(!p.cached && p.flops > 1e9 && p.flops < 1e14, "{p:?}");
+        let again = peak(Device::Cpu, Kind::Float, &cache).unwrap();
+        assert!(again.cached && again.flops == p.flops);
+        let stored: serde_json::Value = serde_json::from_slice(&std::fs::read(&cache).unwrap()).unwrap();
+        assert!(stored.as_object().unwrap().keys().any(|k| k.contains("Float")), "{stored}");
+    }
+}
