@@ -122,10 +122,13 @@ pub struct ProbeStepArgs {
     /// safetensors to write: loss, grad_norm and param.NAME of every trainable parameter after the step.
     #[arg(long)]
     pub out: PathBuf,
+    /// AdamW learning rate of the step.
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
+    /// AdamW weight decay (not applied to 1-D parameters).
     #[arg(long, default_value_t = 0.1)]
     pub weight_decay: f64,
+    /// The global gradient norm is clipped to this before the step.
     #[arg(long, default_value_t = 0.5)]
     pub max_grad_norm: f64,
     /// LoRA rank; without it the step is full fine-tuning.
@@ -161,6 +164,7 @@ pub struct ProbeGenerateArgs {
     /// JSON file to write: the generated ids of each prompt, cut before the first end-of-sequence id.
     #[arg(long)]
     pub out: PathBuf,
+    /// Stop after this many new tokens per prompt.
     #[arg(long, default_value_t = 16)]
     pub max_new_tokens: usize,
     #[command(flatten)]

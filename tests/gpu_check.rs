@@ -46,3 +46,29 @@ fn gpu_check_quick_on_cpu_passes_and_skips_the_gpu_parts() {
     let md = std::fs::read_to_string(out.join("gpu-check.md")).unwrap();
     assert!(md.contains("| 4 NCCL and launch | skipped |"), "{md}");
 }
+
+/// A broken ferrotune fails every part that runs it, each on its own: the run goes on to the end,
+/// writes its report and exits 1; the GPU-only part's rehearsal fails too, so it is not "skipped".
+#[test]
+fn a_failing_part_is_reported_and_does_not_stop_the_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let o = Command::new(fixtures::python())
+        .arg(fixtures::repo_root().join("scripts/gpu-check"))
+        .args(["--device", "cpu", "--quick", "--out"])
+        .arg(&out)
+        .arg("--work")
+        .arg(tmp.path().join("work"))
+        .arg("--tokenizer")
+        .arg(fixtures::ensure("llama3-tokenizer"))
+        .env("FERROTUNE_BIN", "/bin/false")
+        .env("FERROTUNE_HOME", tmp.path().join("home"))
+        .output()
+        .unwrap();
+    println!("{}", String::from_utf8_lossy(&o.stdout));
+    assert_eq!(o.status.code(), Some(1));
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(out.join("gpu-check.json")).unwrap()).unwrap();
+    let status: Vec<&str> = report["parts"].as_array().unwrap().iter().map(|p| p["status"].as_str().unwrap()).collect();
+    assert_eq!(status, ["fail", "fail", "fail", "fail", "skipped"], "{report}");
+    assert!(report["parts"][1]["reason"].as_str().unwrap().contains("exited 1"), "{report}");
+}
