@@ -5,6 +5,7 @@
 pub mod batch;
 pub mod checkpoint;
 pub mod config;
+pub mod config_layers;
 pub mod dist;
 pub mod error;
 pub mod eval;

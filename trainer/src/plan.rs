@@ -210,46 +210,11 @@ impl Default for OutputSection {
 
 impl RunConfig {
     /// Layers defaults < `file` < FERROTUNE__SECTION__KEY < `overrides` ("section.key=value", the value
-    /// read as TOML, else as a string). Relative paths in the file are taken relative to the file.
+    /// read as TOML, else as a string), with every value's type and range checked: `config_layers`.
+    /// Relative paths in the file are taken relative to the file, those of `--set` and the environment
+    /// relative to the current directory.
     pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<Self> {
-        let cfg_err = |key: &str, msg: String| Error::Config {
-            path: file.map(Path::to_path_buf).unwrap_or_default(),
-            key: key.into(),
-            msg,
-        };
-        let defaults = toml::to_string(&RunConfig::default()).expect("defaults serialize");
-        let mut b = config::Config::builder().add_source(config::File::from_str(&defaults, config::FileFormat::Toml));
-        if let Some(f) = file {
-            let text = std::fs::read_to_string(f).map_err(Error::io(f))?;
-            b = b.add_source(config::File::from_str(&text, config::FileFormat::Toml));
-        }
-        b = b.add_source(
-            config::Environment::with_prefix("FERROTUNE").prefix_separator("__").separator("__").try_parsing(true),
-        );
-        for o in overrides {
-            let (key, value) =
-                o.split_once('=').ok_or_else(|| cfg_err(o, "expected --set section.key=value".into()))?;
-            let (section, name) = key.split_once('.').ok_or_else(|| cfg_err(key, "expected section.key".into()))?;
-            let as_toml = format!("[{section}]\n{name} = {value}\n");
-            let doc = if toml::from_str::<toml::Table>(&as_toml).is_ok() {
-                as_toml
-            } else {
-                format!("[{section}]\n{name} = {}\n", toml::Value::String(value.into()))
-            };
-            b = b.add_source(config::File::from_str(&doc, config::FileFormat::Toml));
-        }
-        let built = b.build().map_err(|e| cfg_err("(file)", e.to_string()))?;
-        let mut cfg: RunConfig = built
-            .try_deserialize()
-            .map_err(|e| cfg_err("(file)", format!("{e}; hint: see configs/ for the documented keys")))?;
-        if let Some(dir) = file.and_then(Path::parent) {
-            for p in [&mut cfg.model.path, &mut cfg.data.train, &mut cfg.data.validation, &mut cfg.output.dir] {
-                if !p.as_os_str().is_empty() && p.is_relative() {
-                    *p = dir.join(&*p);
-                }
-            }
-        }
-        Ok(cfg)
+        crate::config_layers::load(file, overrides)
     }
 
     pub fn to_toml(&self) -> String {
