@@ -23,6 +23,7 @@ pub mod optim_state;
 pub mod plan;
 pub mod probe;
 pub mod rope;
+pub mod run_lock;
 pub mod schedule;
 pub mod tensorboard;
 pub mod train;

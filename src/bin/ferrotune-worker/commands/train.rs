@@ -24,6 +24,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let device = parse_device(&cfg.model.device)?;
     let mut joined = dist::init(&job, device)?;
     let lead = joined.coll.rank() == 0;
+    // Rank 0 holds the run directory until this process ends, taken before anything is written to it
+    // (a second `train` or `--resume` of the same run is refused naming this one).
+    let _lock = if lead { Some(ferrotune_trainer::run_lock::RunLock::acquire(&run_dir)?) } else { None };
     if job.ranks.world_size > 1 {
         tracing::info!(
             "rank {} of {} ({}, store {}:{}, attempt {})",
