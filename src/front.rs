@@ -61,6 +61,16 @@ pub fn exec_worker() -> Result<()> {
     Err(err).with_context(|| format!("starting {}", worker.display()))
 }
 
+/// Restores the default action of SIGPIPE (the Rust runtime ignores it, so that a write to a closed
+/// pipe becomes an error, and `println!` panics on it): like other Unix tools, `ferrotune inspect M |
+/// head` then ends quietly when `head` stops reading.
+pub fn quiet_broken_pipe() {
+    // SAFETY: setting a signal's disposition to its default at startup, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Prints the whole error chain and turns the result into the process exit code.
 pub fn report(result: Result<()>) -> std::process::ExitCode {
     match result {

@@ -7,6 +7,7 @@ use ferrotune::{data_commands, front};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    front::quiet_broken_pipe();
     let cli = Cli::parse();
     ferrotune::logging::init();
     let result = if cli.command.needs_torch() { front::exec_worker() } else { data_commands::run(cli.command) };

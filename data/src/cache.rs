@@ -166,6 +166,25 @@ impl TokenCache {
         self.header.rows
     }
 
+    /// Why a cache holds no row, from the counts prepare kept: how many conversations were read and
+    /// where each went (no trained token under the strategy, overlong and dropped, or every trained
+    /// token lost to truncation), with the command that shows their lengths.
+    pub fn why_empty(&self) -> String {
+        let (h, st) = (&self.header, &self.header.stats);
+        let read = st.samples + h.dropped_no_trained + st.dropped_overlong + st.dropped_untrained;
+        format!(
+            "no row to read: of the {read} conversation(s) of {}, {} have no token to train under strategy `{}`, {} are longer than max_seq_len = {} and were dropped, and {} lost every trained token to truncation; hint: `ferrotune check {} --model MODEL --max-seq-len {}` shows the lengths and trained fractions",
+            h.source.display(),
+            h.dropped_no_trained,
+            h.key.mask.strategy.as_str(),
+            st.dropped_overlong,
+            h.key.max_seq_len,
+            st.dropped_untrained,
+            h.source.display(),
+            h.key.max_seq_len
+        )
+    }
+
     pub fn max_seq_len(&self) -> usize {
         self.header.key.max_seq_len
     }

@@ -81,11 +81,19 @@ pub struct Loader<'a> {
 }
 
 impl<'a> Loader<'a> {
-    pub fn new(cache: &'a TokenCache, rank: usize, world: usize, seed: u64, micro_batch: usize) -> Self {
-        assert!(rank < world && micro_batch > 0 && cache.rows() > 0);
+    /// A loader of rank `rank` of `world` over `cache`. An error (never a panic) for a cache with no row,
+    /// saying why its conversations were dropped, and for a micro-batch of 0 or a rank outside the world.
+    pub fn new(cache: &'a TokenCache, rank: usize, world: usize, seed: u64, micro_batch: usize) -> crate::Result<Self> {
+        let err = |msg: String| crate::DataError::At { path: cache.path.clone(), msg };
+        if cache.rows() == 0 {
+            return Err(err(cache.why_empty()));
+        }
+        if micro_batch == 0 || rank >= world {
+            return Err(err(format!("cannot read rank {rank} of {world} in micro-batches of {micro_batch}")));
+        }
         let mut l = Loader { cache, rank, world, seed, micro_batch, state: LoaderState::default(), share: vec![] };
         l.share = l.share_of(0);
-        l
+        Ok(l)
     }
 
     fn share_of(&self, epoch: u64) -> Vec<usize> {

@@ -210,7 +210,7 @@ fn loader_shares_are_disjoint_equal_deterministic_and_resumable() {
     let rows = cache.rows();
     assert!(rows > 6, "{rows}");
     let world = 3;
-    let mut loaders: Vec<Loader> = (0..world).map(|r| Loader::new(&cache, r, world, 7, 1)).collect();
+    let mut loaders: Vec<Loader> = (0..world).map(|r| Loader::new(&cache, r, world, 7, 1).unwrap()).collect();
     let per_rank = loaders[0].rows_per_rank();
     let mut seen = vec![];
     for l in loaders.iter_mut() {
@@ -224,19 +224,19 @@ fn loader_shares_are_disjoint_equal_deterministic_and_resumable() {
     let total = seen.iter().map(Vec::len).sum::<usize>();
     assert!(total >= rows && total - rows < world, "shares overlap beyond the padding: {total} reads of {rows} rows");
     // Same seed, same order; another seed, another order.
-    let mut again = Loader::new(&cache, 0, world, 7, 1);
+    let mut again = Loader::new(&cache, 0, world, 7, 1).unwrap();
     assert_eq!((0..per_rank).map(|_| again.next_batch().row_indices[0]).collect::<Vec<_>>(), seen[0]);
-    let mut other = Loader::new(&cache, 0, world, 8, 1);
+    let mut other = Loader::new(&cache, 0, world, 8, 1).unwrap();
     assert_ne!((0..per_rank).map(|_| other.next_batch().row_indices[0]).collect::<Vec<_>>(), seen[0]);
     // Save mid-epoch-2, restore in a fresh loader: the same batches follow.
-    let mut a = Loader::new(&cache, 1, world, 7, 2);
+    let mut a = Loader::new(&cache, 1, world, 7, 2).unwrap();
     for _ in 0..per_rank {
         a.next_batch();
     }
     let state = a.state();
     assert!(state.epoch >= 1);
     let next: Vec<_> = (0..5).map(|_| a.next_batch()).collect();
-    let mut b = Loader::new(&cache, 1, world, 7, 2);
+    let mut b = Loader::new(&cache, 1, world, 7, 2).unwrap();
     b.restore(state);
     assert_eq!(b.state(), state);
     for n in next {
@@ -244,7 +244,7 @@ fn loader_shares_are_disjoint_equal_deterministic_and_resumable() {
     }
     assert_ne!(state, LoaderState::default());
     // Position and document ids restart per document; padding is a document of its own.
-    let batch = Loader::new(&cache, 0, 1, 0, 1).next_batch();
+    let batch = Loader::new(&cache, 0, 1, 0, 1).unwrap().next_batch();
     let lens = cache.doc_lens(batch.row_indices[0]);
     assert_eq!(batch.position_ids[..lens[0] as usize].last().copied(), Some(lens[0] as i64 - 1));
     if lens.len() > 1 {

@@ -17,9 +17,9 @@ use tch::{Kind, Tensor};
 
 /// Mean token loss over every row of `cache`, `batch` rows at a time, and the trained-token count. The
 /// sum stays on the device until the end: one host sync per evaluation.
-pub fn mean_loss(model: &Llama, cache: &TokenCache, batch: usize) -> (f64, usize) {
+pub fn mean_loss(model: &Llama, cache: &TokenCache, batch: usize) -> crate::Result<(f64, usize)> {
     let _g = tch::no_grad_guard();
-    let loader = Loader::new(cache, 0, 1, 0, batch.max(1));
+    let loader = Loader::new(cache, 0, 1, 0, batch.max(1)).map_err(|e| crate::Error::Invalid(e.to_string()))?;
     let rows: Vec<usize> = (0..cache.rows()).collect();
     let mut sum = Tensor::zeros([], (Kind::Float, model.device()));
     let mut n = 0usize;
@@ -32,7 +32,7 @@ pub fn mean_loss(model: &Llama, cache: &TokenCache, batch: usize) -> (f64, usize
         sum += loss::masked_ce_sum(model, &hidden, &b.idx, &b.targets);
         n += b.trained;
     }
-    (sum.double_value(&[]) / n.max(1) as f64, n)
+    Ok((sum.double_value(&[]) / n.max(1) as f64, n))
 }
 
 /// SQuAD's `normalize_answer`: lower-case, drop ASCII punctuation, drop the words a/an/the, collapse

@@ -169,7 +169,7 @@ pub fn write_rows(cache: &TokenCache, seed: u64, steps: usize, out: &Path) -> Re
     if cache.rows() < steps {
         return Err(Error::Invalid(format!("the cache holds {} rows, fewer than the {steps} asked for", cache.rows())));
     }
-    let mut loader = Loader::new(cache, 0, 1, seed, 1);
+    let mut loader = Loader::new(cache, 0, 1, seed, 1).map_err(|e| Error::Invalid(e.to_string()))?;
     let batches: Vec<_> = (0..steps).map(|_| loader.next_batch()).collect();
     let stack = |f: &dyn Fn(&ferrotune_data::loader::Batch) -> Vec<i64>| {
         Tensor::stack(&batches.iter().map(|b| Tensor::from_slice(&f(b))).collect::<Vec<_>>(), 0)

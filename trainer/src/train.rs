@@ -39,6 +39,22 @@ pub fn parse_device(s: &str) -> Result<Device> {
     }
 }
 
+/// `parse_device`, and the device checked to exist here: a CUDA ordinal libtorch does not see is an
+/// error (not a panic inside the bindings later), with what it does see.
+pub fn usable_device(s: &str) -> Result<Device> {
+    let device = parse_device(s)?;
+    if let Device::Cuda(n) = device {
+        let count = if tch::Cuda::is_available() { tch::Cuda::device_count() } else { 0 };
+        if n as i64 >= count {
+            let hint = if count == 0 { "use cpu".to_string() } else { format!("use cuda:0 to cuda:{}", count - 1) };
+            return Err(Error::Invalid(format!(
+                "device `{s}` is not available: libtorch sees {count} CUDA device(s); hint: {hint}"
+            )));
+        }
+    }
+    Ok(device)
+}
+
 /// Options of one invocation (not part of the run's config).
 pub struct RunOptions {
     pub resume: bool,
@@ -103,6 +119,12 @@ pub fn train(cfg: RunConfig, opts: RunOptions, coll: &mut dyn Collective, logger
     let existing = check_start(&run_dir, opts.resume)?;
     let enc = encoder_for(&cfg)?;
     let (train_cache, val_cache) = open_caches(&cfg, &run_dir, &enc, &opts, coll)?;
+    // A data file none of whose conversations made a row is refused before the model loads, saying why.
+    for (key, cache) in [("data.train", Some(&train_cache)), ("data.validation", val_cache.as_ref())] {
+        if let Some(c) = cache.filter(|c| c.rows() == 0) {
+            return Err(Error::Config { path: PathBuf::new(), key: key.into(), msg: c.why_empty() });
+        }
+    }
     let mut run = set_up(cfg, run_dir, &train_cache, val_cache, existing, &opts, coll, logger)?;
     while run.step < run.plan.total_steps {
         let done = one_step(&mut run, coll)?;
@@ -299,17 +321,6 @@ fn resolve_plan(
     world: usize,
     lead: bool,
 ) -> Result<(Plan, StepOptions, Option<f64>)> {
-    if train_cache.rows() == 0 {
-        return Err(Error::Invalid(format!(
-            "data.train {}: no row to train on: every conversation was dropped, none having a token to train under strategy `{}` within data.max_seq_len = {}; hint: `ferrotune check {} --model {} --max-seq-len {}` shows the lengths and trained fractions",
-            cfg.data.train.display(),
-            cfg.data.strategy,
-            cfg.data.max_seq_len,
-            cfg.data.train.display(),
-            cfg.model.path.display(),
-            cfg.data.max_seq_len
-        )));
-    }
     let (kind, device) = (parse_kind(&cfg.model.dtype)?, parse_device(&cfg.model.device)?);
     let plan: Plan = plan::resolve(cfg.clone(), train_cache.rows(), world)?;
     let arch = crate::LlamaConfig::from_dir(&cfg.model.path)?;
@@ -354,7 +365,7 @@ fn load_and_resume<'a>(
     coll: &mut dyn Collective,
 ) -> Result<(Trainer, Loader<'a>, u64, f64)> {
     let t = &cfg.train;
-    let (kind, device) = (parse_kind(&cfg.model.dtype)?, parse_device(&cfg.model.device)?);
+    let (kind, device) = (parse_kind(&cfg.model.dtype)?, usable_device(&cfg.model.device)?);
     let adamw = AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay };
     let (rank, world) = (coll.rank(), coll.world());
     let shard = if plan.shard == Shard::None { ShardOf::ALL } else { ShardOf { rank, world } };
@@ -363,7 +374,8 @@ fn load_and_resume<'a>(
     everything.extend(trainer.trainable.iter().map(|(_, p)| p.shallow_clone()));
     dist::verify_same_weights(coll, &everything)?;
     drop(everything);
-    let mut loader = Loader::new(train_cache, coll.rank(), coll.world(), t.seed, t.micro_batch_size);
+    let mut loader = Loader::new(train_cache, coll.rank(), coll.world(), t.seed, t.micro_batch_size)
+        .map_err(|e| Error::Invalid(e.to_string()))?;
     let (mut step, mut last_loss) = (0u64, f64::NAN);
     if let Some((s, dir)) = existing.filter(|_| opts.resume) {
         checkpoint::load_named(&dir.join("trainable.safetensors"), &trainer.trainable)?;
@@ -558,7 +570,7 @@ fn evaluate(run: &mut Run, enc: &Encoder, logger: &mut dyn Logger) -> Result<()>
     let (step, cfg) = (run.step, &run.cfg);
     let due = run.plan.eval_steps.contains(&step) || (step == run.plan.total_steps && cfg.eval.coqa);
     let Some(vc) = run.val_cache.as_ref().filter(|_| run.lead && due) else { return Ok(()) };
-    let (v, _) = crate::eval::mean_loss(&run.trainer.model, vc, cfg.train.micro_batch_size);
+    let (v, _) = crate::eval::mean_loss(&run.trainer.model, vc, cfg.train.micro_batch_size)?;
     logger.scalars(step, &[("eval/loss", v)]);
     tracing::info!("step {step}: validation loss {v:.4}");
     run.final_val = Some(v);

@@ -9,6 +9,7 @@ mod alloc;
 mod commands;
 
 fn main() -> ExitCode {
+    ferrotune::front::quiet_broken_pipe();
     let cli = Cli::parse();
     ferrotune::logging::init();
     ferrotune::front::report(commands::run(cli.command))

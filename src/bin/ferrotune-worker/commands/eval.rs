@@ -7,13 +7,14 @@ use ferrotune::data_commands::encoder;
 use ferrotune_data::mask::{MaskOptions, Strategy};
 use ferrotune_data::pack::Overlong;
 use ferrotune_data::prepare::{prepare_to_file, PrepareOptions};
-use ferrotune_trainer::train::parse_device;
+use ferrotune_trainer::train::usable_device;
 use ferrotune_trainer::{eval, load_model, lora, parse_kind, weights, Llama};
 use std::io::Write;
 use std::path::Path;
 
 fn model_with_adapter(dir: &Path, adapter: Option<&Path>, dtype: &str, device: &str) -> Result<Llama> {
-    let mut model = load_model(dir, parse_kind(dtype)?, parse_device(device)?).context("loading the model")?;
+    let mut model =
+        load_model(dir, parse_kind(dtype)?, usable_device(device).context("--device")?).context("loading the model")?;
     if let Some(a) = adapter {
         lora::load_adapter(&mut model, a)
             .map_err(anyhow::Error::msg)
@@ -73,7 +74,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             let cache_path = tmp.path().join("eval.ftcache");
             prepare_to_file(&a.data, &enc, &opts, &cache_path, &|_, _| {})?;
             let cache = ferrotune_data::cache::TokenCache::open(&cache_path)?;
-            let (mean, n) = eval::mean_loss(&model, &cache, a.batch_size);
+            let (mean, n) = eval::mean_loss(&model, &cache, a.batch_size)?;
             if a.json {
                 println!("{}", serde_json::json!({"loss": mean, "tokens": n}));
             } else {

@@ -4,21 +4,13 @@
 use anyhow::{Context, Result};
 use ferrotune::cli::GenerateArgs;
 use ferrotune_data::{ChatTemplate, Message, Tokenizer};
-use ferrotune_trainer::train::parse_device;
+use ferrotune_trainer::train::usable_device;
 use ferrotune_trainer::{generate, load_model, parse_kind};
 use std::time::Instant;
-use tch::Device;
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     let kind = parse_kind(&args.dtype)?;
-    let device = parse_device(&args.device)?;
-    if let Device::Cuda(n) = device {
-        anyhow::ensure!(
-            tch::Cuda::is_available() && (n as i64) < tch::Cuda::device_count(),
-            "device cuda:{n} is not available (libtorch sees {} CUDA devices)",
-            tch::Cuda::device_count()
-        );
-    }
+    let device = usable_device(&args.device).context("--device")?;
     let t0 = Instant::now();
     let model = load_model(&args.model, kind, device).context("loading the model")?;
     let tokenizer = Tokenizer::from_dir(&args.model)?;

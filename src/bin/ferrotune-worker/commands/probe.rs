@@ -9,7 +9,7 @@ use ferrotune_data::cache::TokenCache;
 use ferrotune_trainer::dist::Collective;
 use ferrotune_trainer::layerwise::Checkpointing;
 use ferrotune_trainer::lora::LoraConfig;
-use ferrotune_trainer::train::parse_device;
+use ferrotune_trainer::train::usable_device;
 use ferrotune_trainer::{hardware, parse_kind, probe};
 use serde_json::json;
 use tch::{Device, Kind};
@@ -62,14 +62,7 @@ pub fn run(command: ProbeCommand) -> Result<()> {
 
 /// The dtype and device of a probe, the device checked to exist.
 fn on(a: &ProbeDeviceArgs) -> Result<(Kind, Device)> {
-    let device = parse_device(&a.device)?;
-    if let Device::Cuda(n) = device {
-        ensure!(
-            tch::Cuda::is_available() && (n as i64) < tch::Cuda::device_count(),
-            "device cuda:{n} is not available (libtorch sees {} CUDA devices)",
-            tch::Cuda::device_count()
-        );
-    }
+    let device = usable_device(&a.device).context("--device")?;
     Ok((parse_kind(&a.dtype)?, device))
 }
 

@@ -9,7 +9,7 @@ use ferrotune_trainer::dist::{self, JobEnv};
 use ferrotune_trainer::metrics::{FanOut, Jsonl, Logger, Null};
 use ferrotune_trainer::plan::RunConfig;
 use ferrotune_trainer::tensorboard::TensorBoard;
-use ferrotune_trainer::train::parse_device;
+use ferrotune_trainer::train::usable_device;
 use ferrotune_trainer::train::{train, RunOptions};
 use std::cell::OnceCell;
 use std::rc::Rc;
@@ -21,7 +21,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let job = JobEnv::from_env()?;
     share_cores(job.ranks.local_world_size);
-    let device = parse_device(&cfg.model.device)?;
+    let device = usable_device(&cfg.model.device).context("config key `model.device`")?;
     let mut joined = dist::init(&job, device)?;
     let lead = joined.coll.rank() == 0;
     // Rank 0 holds the run directory until this process ends, taken before anything is written to it

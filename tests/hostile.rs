@@ -1,0 +1,82 @@
+//! Inputs and environments that used to reach a Rust panic or a libtorch exception, each now one error
+//! naming the key, flag or file and what to do (or, for a closed pipe, a quiet exit): a validation file
+//! none of whose conversations keeps a trained token (the loader asserted), a CUDA device that is not
+//! there (a panic inside the bindings in `train` and `eval`), `data.max_seq_len = 0` (a panic in
+//! packing), and `inspect` writing into a pipe whose reader is gone (println! panicked on EPIPE).
+
+mod common;
+
+use common::*;
+use ferrotune_data::fixtures;
+use std::process::Stdio;
+
+fn fails_cleanly(o: std::process::Output, needle: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "expected a failure:\n{err}");
+    assert!(!err.contains("panicked"), "a panic, not an error:\n{err}");
+    assert!(err.contains(needle), "expected `{needle}` in:\n{err}");
+}
+
+#[test]
+fn untrainable_validation_data_is_an_error_naming_the_key_and_why() {
+    // Rows of 64 tokens: a 200-word question leaves no room for the answer, the only trained part.
+    let job = job(&["eval.n_evals=1"]);
+    let val = job.dir.path().join("val.jsonl");
+    let long = "word ".repeat(200);
+    let line = format!(
+        r#"{{"messages": [{{"role": "user", "content": "{long}"}}, {{"role": "assistant", "content": "yes"}}]}}"#
+    );
+    std::fs::write(&val, format!("{line}\n{line}\n")).unwrap();
+    let o = ferrotune()
+        .args(job.train_args("out"))
+        .args(["--set", &format!("data.validation={}", val.display())])
+        .output()
+        .unwrap();
+    fails_cleanly(o, "config key `data.validation`: no row to read: of the 2 conversation(s)");
+}
+
+#[test]
+fn a_missing_cuda_device_is_an_error_in_train_and_eval() {
+    let job = job(&["model.device=cuda:7"]);
+    fails_cleanly(ferrotune().args(job.train_args("out")).output().unwrap(), "device `cuda:7` is not available");
+    let o = ferrotune()
+        .args(["eval", "--model"])
+        .arg(fixtures::ensure("tiny-llama"))
+        .args(["--template", "llama3", "--metric", "loss", "--device", "cuda:7", "--data"])
+        .arg(job.dir.path().join("train.jsonl"))
+        .output()
+        .unwrap();
+    fails_cleanly(o, "--device");
+}
+
+#[test]
+fn a_zero_or_huge_row_length_is_refused_by_name() {
+    for (len, why) in [("0", "0 must be at least 2"), ("1000000000", "over the limit of 1048576")] {
+        let job = job(&[&format!("data.max_seq_len={len}")]);
+        fails_cleanly(ferrotune().args(job.train_args("out")).output().unwrap(), &format!("`data.max_seq_len`: {len}"));
+        let o = ferrotune().args(job.train_args("out")).output().unwrap();
+        assert!(String::from_utf8_lossy(&o.stderr).contains(why));
+    }
+}
+
+#[test]
+fn inspect_into_a_closed_pipe_exits_quietly() {
+    let mut child = ferrotune()
+        .arg("inspect")
+        .arg(fixtures::ensure("tiny-llama"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader is gone before the first line is written
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked") && err.trim().is_empty(), "{err}");
+    use std::os::unix::process::ExitStatusExt;
+    assert!(o.status.success() || o.status.signal() == Some(libc_sigpipe()), "{:?}", o.status);
+}
+
+/// SIGPIPE's number on Linux.
+fn libc_sigpipe() -> i32 {
+    13
+}
