@@ -20,6 +20,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Preview(a) => preview(a),
         Command::Prepare(a) => prepare(a),
         Command::Convert(ConvertCommand::Coqa(a)) => {
+            not_an_input(&a.out, "--out", &[&a.input])?;
             let (stories, turns) = ferrotune_data::coqa::convert(&a.input, &a.out, &a.system)?;
             tracing::info!("wrote {} conversations ({turns} question/answer turns) to {}", stories, a.out.display());
             Ok(())
@@ -33,6 +34,25 @@ pub fn run(command: Command) -> Result<()> {
         }
         other => bail!("`{}` needs libtorch and runs in ferrotune-worker", other.name()),
     }
+}
+
+/// Refuses an output path that is (or, through links, resolves to) one of the command's inputs, before
+/// anything is written: `prepare X --out X` overwrote its data.
+pub fn not_an_input(out: &Path, flag: &str, inputs: &[&Path]) -> Result<()> {
+    let Ok(o) = out.canonicalize().or_else(|_| {
+        // Not there yet: its parent decides.
+        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        parent.canonicalize().map(|p| p.join(out.file_name().unwrap_or_default()))
+    }) else {
+        return Ok(());
+    };
+    for input in inputs {
+        let Ok(i) = input.canonicalize() else { continue };
+        if o == i {
+            bail!("{flag} {} is the input {} itself; hint: write the output elsewhere", out.display(), input.display());
+        }
+    }
+    Ok(())
 }
 
 /// Tokenizer and chat template of a model directory (see `Encoder::from_model_dir`).
@@ -137,6 +157,7 @@ fn prepare(a: PrepareArgs) -> Result<()> {
         opts.threads = t;
     }
     let out = a.out.clone().unwrap_or_else(|| default_cache_path(&a.data, &opts));
+    not_an_input(&out, "--out", &[&a.data, &a.tokenizer.model])?;
     let t0 = std::time::Instant::now();
     let bar = crate::logging::bytes_bar("preparing");
     let header = prepare_to_file(&a.data, &enc, &opts, &out, &|done, total| {

@@ -80,3 +80,66 @@ fn inspect_into_a_closed_pipe_exits_quietly() {
 fn libc_sigpipe() -> i32 {
     13
 }
+
+/// A kill while the final adapter is written leaves no `adapter/` at all (only `.adapter.partial`),
+/// so nothing can load half an export; `--resume` from the final checkpoint then publishes it whole.
+/// Every file the run saved has the user's umask (022 here: 0644), safetensors files included
+/// (they were 0600).
+#[test]
+fn a_kill_during_export_leaves_no_half_export_and_files_follow_the_umask() {
+    let job = job(&[]);
+    let o = ferrotune().args(job.train_args("out")).env("FERROTUNE_FAILPOINT", "export").output().unwrap();
+    assert!(!o.status.success(), "the failpoint should have killed the run");
+    let run = job.run_dir("out");
+    assert!(!run.join("adapter").exists(), "a half export was published");
+    assert!(run.join(".adapter.partial").exists());
+    let o = ferrotune().args(job.train_args("out")).arg("--resume").output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(run.join("adapter/adapter_model.safetensors").exists() && !run.join(".adapter.partial").exists());
+    use std::os::unix::fs::PermissionsExt;
+    // The umask this test (and so the run it started) has, as /proc/self/status gives it.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let umask = u32::from_str_radix(status.lines().find_map(|l| l.strip_prefix("Umask:")).unwrap().trim(), 8).unwrap();
+    let mut seen = 0;
+    let mut dirs = vec![run.clone()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else {
+                let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+                assert_eq!(mode, 0o666 & !umask, "{} has mode {mode:o}", p.display());
+                seen += 1;
+            }
+        }
+    }
+    assert!(seen > 10, "{seen} files");
+}
+
+/// An output that is the command's own input is refused before anything is written, also through a
+/// symbolic link; the input is unchanged.
+#[test]
+fn an_output_that_is_an_input_is_refused() {
+    let job = job(&[]);
+    let data = job.dir.path().join("train.jsonl");
+    let link = job.dir.path().join("link.jsonl");
+    std::os::unix::fs::symlink(&data, &link).unwrap();
+    let before = std::fs::read(&data).unwrap();
+    let model = fixtures::ensure("tiny-llama");
+    for out in [&data, &link] {
+        let o = ferrotune()
+            .arg("prepare")
+            .arg(&data)
+            .arg("--model")
+            .arg(&model)
+            .args(["--template", "llama3", "--out"])
+            .arg(out)
+            .output()
+            .unwrap();
+        fails_cleanly(o, "is the input");
+        let o = ferrotune().args(["convert", "coqa"]).arg(&data).arg("--out").arg(out).output().unwrap();
+        fails_cleanly(o, "is the input");
+    }
+    assert_eq!(std::fs::read(&data).unwrap(), before);
+}

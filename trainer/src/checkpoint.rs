@@ -151,6 +151,41 @@ fn agree(coll: &mut dyn crate::dist::Collective, failed: Option<&Error>, what: &
     })
 }
 
+/// Writes a directory that is complete or absent, never half-written, like a checkpoint: `write` fills
+/// `.NAME.partial` beside `dest`, which then replaces `dest` by renames (an old `dest` moves aside to
+/// `.NAME.old` first and is removed after). A kill or a full disk at any moment leaves either the old
+/// directory, the new one, or none under `dest`; readers never see a partial one. Used for the final
+/// export of `train` and for `export --merge --out`. `FERROTUNE_FAILPOINT=export` (tests) aborts the
+/// process after writing and before publishing.
+pub fn publish_dir(dest: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(Error::io(parent))?;
+    let (partial, old) = (parent.join(format!(".{name}.partial")), parent.join(format!(".{name}.old")));
+    for leftover in [&partial, &old] {
+        if leftover.exists() {
+            std::fs::remove_dir_all(leftover).map_err(Error::io(leftover))?;
+        }
+    }
+    std::fs::create_dir_all(&partial).map_err(Error::io(&partial))?;
+    if let Err(e) = write(&partial) {
+        let _ = std::fs::remove_dir_all(&partial);
+        return Err(e);
+    }
+    if std::env::var("FERROTUNE_FAILPOINT").as_deref() == Ok("export") {
+        eprintln!("FERROTUNE_FAILPOINT export: dies before publishing {}", dest.display());
+        std::process::abort();
+    }
+    if dest.exists() {
+        std::fs::rename(dest, &old).map_err(Error::io(dest))?;
+    }
+    std::fs::rename(&partial, dest).map_err(Error::io(dest))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(Error::io(&old))?;
+    }
+    Ok(())
+}
+
 /// Testing only: `FERROTUNE_FAILPOINT=shard-write:RANK:STEP` makes rank RANK die (abort) halfway
 /// through writing its optimizer slice at checkpoint STEP, in the first attempt of a launch
 /// (FERROTUNE_RESTART_GENERATION unset or 0), so tests can kill a rank at that exact moment.

@@ -635,10 +635,7 @@ fn finish(run: Run, logger: &mut dyn Logger) -> Result<Outcome> {
         return Ok(run.outcome(None));
     }
     let export_dir = run.run_dir.join(if run.plan.lora.is_some() { "adapter" } else { "model" });
-    if export_dir.exists() {
-        std::fs::remove_dir_all(&export_dir).map_err(Error::io(&export_dir))?;
-    }
-    run.trainer.export(&export_dir, &run.cfg.model.path)?;
+    checkpoint::publish_dir(&export_dir, |dir| run.trainer.export(dir, &run.cfg.model.path))?;
     let mut metrics = vec![("hparams/train_loss", run.last_loss)];
     metrics.extend(run.final_val.map(|v| ("hparams/eval_loss", v)));
     if let Some((em, f1)) = run.final_qa {

@@ -240,8 +240,20 @@ pub fn write_file(path: &Path, tensors: &[&(String, Tensor)], kind: Option<Kind>
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(views, Some(meta), &tmp)
         .map_err(|e| Error::Checkpoint { path: path.to_owned(), msg: format!("cannot write: {e}") })?;
+    // safetensors creates its file with mode 0600; give it the user's umask like every other file.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o666 & !umask())).map_err(Error::io(&tmp))?;
     std::fs::rename(&tmp, path).map_err(Error::io(path))?;
     Ok(bytes)
+}
+
+/// The process's file-mode creation mask (from /proc/self/status; 022 where it cannot be read).
+pub fn umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Umask:").map(|v| v.trim().to_string())))
+        .and_then(|v| u32::from_str_radix(&v, 8).ok())
+        .unwrap_or(0o022)
 }
 
 /// Writes `tensors` as safetensors shards of at most `max_shard_bytes` (plus an index when there is more
@@ -277,29 +289,23 @@ pub fn save_tensors(dir: &Path, tensors: &[(String, Tensor)], kind: Kind, max_sh
     Ok(())
 }
 
-/// Saves `model` as a Hugging Face checkpoint in `dir` (created; must not exist yet): sharded
-/// safetensors in `kind`, index and `config.json`. The directory appears complete or not at all.
+/// Saves `model` as a Hugging Face checkpoint in `dir` (created if missing; must be empty): sharded
+/// safetensors in `kind`, index and `config.json`. Callers that publish it make it appear complete or
+/// not at all through `checkpoint::publish_dir`.
 pub fn save_pretrained(model: &Llama, dir: &Path, kind: Kind, max_shard_bytes: usize) -> Result<()> {
-    if dir.exists() {
+    if std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) {
         return Err(Error::Checkpoint {
             path: dir.to_owned(),
-            msg: "already exists; hint: choose a new output directory".into(),
+            msg: "already exists and is not empty; hint: choose a new output directory".into(),
         });
     }
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.with_file_name(format!(".{name}.partial"));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(Error::io(&tmp))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(Error::io(&tmp))?;
-    save_tensors(&tmp, &model.named_parameters(), kind, max_shard_bytes)?;
+    std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+    save_tensors(dir, &model.named_parameters(), kind, max_shard_bytes)?;
     let mut config = model.config.raw.clone();
     config.remove("torch_dtype");
     config.insert("dtype".into(), dtype_name(kind).into());
-    let path = tmp.join("config.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&config).expect("json")).map_err(Error::io(&path))?;
-    std::fs::rename(&tmp, dir).map_err(Error::io(dir))?;
-    Ok(())
+    let path = dir.join("config.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&config).expect("json")).map_err(Error::io(&path))
 }
 
 /// The transformers name of a dtype ("float32", "bfloat16", ...).

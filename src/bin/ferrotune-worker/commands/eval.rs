@@ -97,8 +97,15 @@ pub fn export(a: ExportArgs) -> Result<()> {
     // Merge in fp32, whatever the storage dtype.
     let mut model = model_with_adapter(&a.model, Some(&a.adapter), "fp32", "cpu")?;
     lora::merge(&mut model);
-    weights::save_pretrained(&model, &a.out, storage, 2 << 30)?;
-    ferrotune_trainer::learner::copy_tokenizer_files(&a.model, &a.out)?;
+    anyhow::ensure!(
+        !a.out.exists(),
+        "--out {} already exists; hint: choose a new output directory (export never overwrites one)",
+        a.out.display()
+    );
+    ferrotune_trainer::checkpoint::publish_dir(&a.out, |dir| {
+        weights::save_pretrained(&model, dir, storage, 2 << 30)?;
+        ferrotune_trainer::learner::copy_tokenizer_files(&a.model, dir)
+    })?;
     println!("merged {} into {} ({})", a.adapter.display(), a.out.display(), weights::dtype_name(storage));
     Ok(())
 }
