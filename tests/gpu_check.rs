@@ -9,23 +9,28 @@ use ferrotune_data::fixtures;
 use serde_json::Value;
 use std::process::Command;
 
+/// `scripts/gpu-check --device cpu --quick` with `bin` as ferrotune, writing under `tmp`.
+fn gpu_check(tmp: &std::path::Path, bin: &str) -> std::process::Output {
+    Command::new(fixtures::python())
+        .arg(fixtures::repo_root().join("scripts/gpu-check"))
+        .args(["--device", "cpu", "--quick", "--out"])
+        .arg(tmp.join("out"))
+        .arg("--work")
+        .arg(tmp.join("work"))
+        .arg("--tokenizer")
+        .arg(fixtures::ensure("llama3-tokenizer"))
+        .env("FERROTUNE_BIN", bin)
+        .env("FERROTUNE_HOME", tmp.join("home")) // its peak cache, not the user's
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn gpu_check_quick_on_cpu_passes_and_skips_the_gpu_parts() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let o = Command::new(fixtures::python())
-        .arg(fixtures::repo_root().join("scripts/gpu-check"))
-        .args(["--device", "cpu", "--quick", "--out"])
-        .arg(&out)
-        .arg("--work")
-        .arg(tmp.path().join("work"))
-        .arg("--tokenizer")
-        .arg(fixtures::ensure("llama3-tokenizer"))
-        .env("FERROTUNE_BIN", env!("CARGO_BIN_EXE_ferrotune"))
-        .env("FERROTUNE_HOME", tmp.path().join("home")) // its peak cache, not the user's
-        .env_remove("LD_LIBRARY_PATH")
-        .output()
-        .unwrap();
+    let o = gpu_check(tmp.path(), env!("CARGO_BIN_EXE_ferrotune"));
     let stdout = String::from_utf8_lossy(&o.stdout);
     println!("{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(o.status.success(), "gpu-check failed");
@@ -53,18 +58,7 @@ fn gpu_check_quick_on_cpu_passes_and_skips_the_gpu_parts() {
 fn a_failing_part_is_reported_and_does_not_stop_the_others() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let o = Command::new(fixtures::python())
-        .arg(fixtures::repo_root().join("scripts/gpu-check"))
-        .args(["--device", "cpu", "--quick", "--out"])
-        .arg(&out)
-        .arg("--work")
-        .arg(tmp.path().join("work"))
-        .arg("--tokenizer")
-        .arg(fixtures::ensure("llama3-tokenizer"))
-        .env("FERROTUNE_BIN", "/bin/false")
-        .env("FERROTUNE_HOME", tmp.path().join("home"))
-        .output()
-        .unwrap();
+    let o = gpu_check(tmp.path(), "/bin/false");
     println!("{}", String::from_utf8_lossy(&o.stdout));
     assert_eq!(o.status.code(), Some(1));
     let report: Value = serde_json::from_str(&std::fs::read_to_string(out.join("gpu-check.json")).unwrap()).unwrap();

@@ -4,7 +4,7 @@
 //! the measured matrix-product peak of a device and dtype (the MFU denominator), cached per machine under
 //! `$FERROTUNE_HOME/peaks.json`. It does not choose dtypes or settings for a run.
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -180,12 +180,7 @@ pub fn peak_cache() -> PathBuf {
 /// after a warm-up. Well under a second on every machine measured (see README).
 pub fn measure_peak(device: Device, kind: Kind) -> Result<Peak> {
     if let Device::Cuda(n) = device {
-        if !tch::Cuda::is_available() || n as i64 >= tch::Cuda::device_count() {
-            return Err(Error::Invalid(format!(
-                "device cuda:{n} is not available (libtorch sees {} CUDA devices)",
-                tch::Cuda::device_count()
-            )));
-        }
+        crate::train::usable_device(&format!("cuda:{n}"))?;
     }
     let sync = || {
         if let Device::Cuda(n) = device {
