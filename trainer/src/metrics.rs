@@ -213,7 +213,7 @@ impl PeakMemory {
 
     /// The allocator's figures of the run's GPU (None on CPU or without the shim).
     pub fn allocator(&self) -> Option<CudaMemory> {
-        self.cuda.as_ref().and(cuda_memory(self.ordinal))
+        self.cuda.as_ref().and_then(|_| cuda_memory(self.ordinal))
     }
 
     /// Bytes (see the type), or `None` when unknown.
