@@ -93,17 +93,26 @@ pub struct ProbeEnvArgs {
     pub remeasure: bool,
 }
 
+/// The model a probe runs and the files it reads and writes.
 #[derive(clap::Args)]
-pub struct ProbeForwardArgs {
+pub struct ProbeFiles {
     /// Hugging Face model directory.
     #[arg(long)]
     pub model: PathBuf,
-    /// safetensors with input_ids (B, T), optionally position_ids and labels (unshifted, -100 = ignored).
+    /// safetensors with input_ids (B, T) and labels (unshifted, -100 = ignored; optional for forward,
+    /// which also reads position_ids).
     #[arg(long)]
     pub input: PathBuf,
-    /// safetensors to write: logits, and with labels loss and grad.NAME.
+    /// safetensors to write: forward writes logits (with labels also loss and grad.NAME); step writes
+    /// loss, grad_norm and param.NAME of every trainable parameter after the step.
     #[arg(long)]
     pub out: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct ProbeForwardArgs {
+    #[command(flatten)]
+    pub files: ProbeFiles,
     /// A parameter (Hugging Face name) whose gradient to write; repeatable.
     #[arg(long = "grad", value_name = "NAME")]
     pub grads: Vec<String>,
@@ -113,15 +122,8 @@ pub struct ProbeForwardArgs {
 
 #[derive(clap::Args)]
 pub struct ProbeStepArgs {
-    /// Hugging Face model directory.
-    #[arg(long)]
-    pub model: PathBuf,
-    /// safetensors with input_ids (B, T) and labels (unshifted, -100 = ignored).
-    #[arg(long)]
-    pub input: PathBuf,
-    /// safetensors to write: loss, grad_norm and param.NAME of every trainable parameter after the step.
-    #[arg(long)]
-    pub out: PathBuf,
+    #[command(flatten)]
+    pub files: ProbeFiles,
     /// AdamW learning rate of the step.
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,

@@ -185,7 +185,7 @@ pub fn cuda_memory(ordinal: usize) -> Option<CudaMemory> {
 /// Starts the allocator's peaks of `cuda:ordinal` again from its current figures (a no-op without it).
 pub fn reset_cuda_peak(ordinal: usize) {
     #[cfg(ferrotune_cuda_stats)]
-    // SAFETY: the shim checks the ordinal and catches every C++ exception.
+    // SAFETY: the shim catches every C++ exception (a bad ordinal included) and returns -1.
     unsafe {
         ferrotune_cuda_reset_peak(ordinal as i32);
     }
@@ -219,7 +219,7 @@ impl PeakMemory {
     /// Bytes (see the type), or `None` when unknown.
     pub fn sample(&mut self) -> Option<u64> {
         match &self.cuda {
-            Some(_) if self.allocator().is_some() => self.allocator().map(|m| m.peak_reserved),
+            Some(_) if let Some(m) = self.allocator() => Some(m.peak_reserved),
             Some(ctx) => {
                 let (free, total) = ctx.mem_get_info().ok()?;
                 self.peak = self.peak.max((total - free) as u64);

@@ -19,7 +19,8 @@ pub fn run(command: ProbeCommand) -> Result<()> {
         ProbeCommand::Env(a) => env(a),
         ProbeCommand::Forward(a) => {
             let (kind, device) = on(&a.on)?;
-            probe::forward(&a.model, &a.input, &a.out, &a.grads, kind, device).context("probe forward")
+            let f = &a.files;
+            probe::forward(&f.model, &f.input, &f.out, &a.grads, kind, device).context("probe forward")
         }
         ProbeCommand::Step(a) => {
             let (kind, device) = on(&a.on)?;
@@ -46,7 +47,8 @@ pub fn run(command: ProbeCommand) -> Result<()> {
                 checkpointing,
                 seed: a.seed,
             };
-            probe::step(&a.model, &a.input, &a.out, &args, kind, device).context("probe step")
+            let f = &a.files;
+            probe::step(&f.model, &f.input, &f.out, &args, kind, device).context("probe step")
         }
         ProbeCommand::Generate(a) => {
             let (kind, device) = on(&a.on)?;
