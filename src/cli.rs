@@ -202,7 +202,8 @@ pub struct TokenizerArgs {
     /// Model (or tokenizer) directory holding tokenizer.json and tokenizer_config.json.
     #[arg(long)]
     pub model: PathBuf,
-    /// Chat template: `auto` (the model's own), `llama3` or `chatml` (built in), or a .jinja file.
+    /// Chat template: `auto` (the model's own), `llama3`, `llama31` (tool calls) or `chatml` (built in,
+    /// any case), or a .jinja file.
     #[arg(long, default_value = "auto")]
     pub template: String,
 }
@@ -221,16 +222,18 @@ pub struct MaskArgs {
 
 #[derive(clap::Args)]
 pub struct CheckArgs {
-    /// The JSONL file to check.
+    /// The file to check: JSONL (conversations, prompt/completion, text or pre-tokenized rows) or
+    /// Parquet. Exit status: 0 clean (warnings allowed), 1 problems found, 2 the file cannot be read.
     pub file: PathBuf,
-    /// Also require: first message system or user, system only first, no empty content.
+    /// Also require: first message system or user, system only first, no empty content, no two
+    /// consecutive user (or assistant) messages (otherwise a warning).
     #[arg(long)]
     pub strict: bool,
     /// Model directory: adds token statistics (lengths, rows over --max-seq-len, trained fraction per
     /// masking strategy).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Chat template for the statistics: auto, llama3, chatml or a .jinja file.
+    /// Chat template for the statistics: auto, llama3, llama31, chatml or a .jinja file.
     #[arg(long, default_value = "auto")]
     pub template: String,
     /// Row length the statistics compare against.
@@ -369,7 +372,7 @@ pub struct GenerateArgs {
     /// A user message to answer; repeat the flag to answer several in one batch.
     #[arg(long, required = true)]
     pub chat: Vec<String>,
-    /// Chat template: `auto` (the model's own), `llama3`, `chatml`, or a .jinja file.
+    /// Chat template: `auto` (the model's own), `llama3`, `llama31`, `chatml`, or a .jinja file.
     #[arg(long, default_value = "auto")]
     pub template: String,
     /// Optional system message placed before each question.
@@ -473,7 +476,7 @@ pub struct EvalArgs {
     /// `loss` (masked mean token loss) or `coqa` (answer every question with the gold history; EM/F1).
     #[arg(long, default_value = "loss")]
     pub metric: String,
-    /// Chat template: auto, llama3, chatml or a .jinja file.
+    /// Chat template: auto, llama3, llama31, chatml or a .jinja file.
     #[arg(long, default_value = "auto")]
     pub template: String,
     /// Masking strategy for `loss`.

@@ -71,42 +71,71 @@ pub fn mask_options(m: &MaskArgs) -> Result<MaskOptions> {
     Ok(MaskOptions { strategy, train_eot: !m.no_train_eot })
 }
 
+/// "1 line", "2 lines".
+fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 fn check(a: CheckArgs) -> Result<()> {
     let enc = match &a.model {
         Some(dir) => Some(encoder(dir, &a.template)?),
         None => None,
     };
     let opts = CheckOptions { strict: a.strict, max_problems: a.max_problems };
-    let report = check_file(&a.file, &opts, enc.as_ref().map(|e| (e, a.max_seq_len)))?;
+    let report = match check_file(&a.file, &opts, enc.as_ref().map(|e| (e, a.max_seq_len))) {
+        Ok(r) => r,
+        // The file cannot be read at all: a usage/IO error (exit 2), not a file with problems (exit 1).
+        Err(e) => {
+            if a.json {
+                let j = serde_json::json!({"file": a.file, "ok": false, "error": e.to_string()});
+                println!("{}", serde_json::to_string_pretty(&j)?);
+            } else {
+                eprintln!("error: {e}");
+            }
+            std::process::exit(2);
+        }
+    };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         let fmt = report.format.map(|f| f.to_string()).unwrap_or_else(|| "unknown".into());
-        println!("{}: {} lines, {} valid rows, format {fmt}", report.file.display(), report.lines, report.valid_rows);
+        let (unit, units) = if report.unit == "row" { ("row", "rows") } else { ("line", "lines") };
+        println!(
+            "{}: {}, {}, format {fmt}",
+            report.file.display(),
+            count(report.lines, unit, units),
+            count(report.valid_rows, "valid row", "valid rows")
+        );
         for p in &report.problems {
             println!("  {p}");
         }
         if report.problems_total > report.problems.len() {
-            println!("  ... and {} more problems", report.problems_total - report.problems.len());
+            let more = report.problems_total - report.problems.len();
+            println!("  ... and {}", count(more, "more problem", "more problems"));
         }
         if let Some(t) = &report.tokens {
             println!(
-                "tokens per row: min {}, mean {:.1}, p50 {}, p95 {}, max {}; {} rows longer than {}{}",
+                "tokens per row: min {}, mean {:.1}, p50 {}, p95 {}, max {}; {} longer than {}{}",
                 t.min,
                 t.mean,
                 t.p50,
                 t.p95,
                 t.max,
-                t.over_max_seq_len,
+                count(t.over_max_seq_len, "row", "rows"),
                 t.max_seq_len,
-                if t.over_lines.is_empty() { String::new() } else { format!(" (lines {:?})", t.over_lines) }
+                if t.over_lines.is_empty() { String::new() } else { format!(" ({units} {:?})", t.over_lines) }
             );
             println!("trained fraction by strategy (rows left with nothing to train):");
             for (s, f) in &t.trained_fraction {
                 println!("  {s:<12} {:>6.1}%  ({})", 100.0 * f, t.untrained_rows[s]);
             }
         }
-        println!("{}", if report.ok { "OK" } else { "FAILED" });
+        let errors = report.problems_total - report.warnings_total;
+        match (report.ok, report.warnings_total) {
+            (true, 0) => println!("OK"),
+            (true, w) => println!("OK ({})", count(w, "warning", "warnings")),
+            (false, _) => println!("FAILED ({})", count(errors, "problem", "problems")),
+        }
     }
     if !report.ok {
         std::process::exit(1);

@@ -178,17 +178,32 @@ def squad(pairs_path, out):
 
 
 def chat(tokenizer_dir, template, conversations_path, out):
+    """Renders each conversation with apply_chat_template: a list of messages, or a row
+    {"messages", "tools"?} as in a JSONL file. Text parts are joined (as ferrotune reads them) and
+    `weight` is dropped; everything else goes to transformers as given. A conversation the template
+    refuses gives {"error": message}."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     source = None if template == "own" else open(template).read()
     generation = source is not None and "{% generation" in source.replace("{%-", "{%")
     results = []
-    for messages in json.load(open(conversations_path)):
-        text = tok.apply_chat_template(messages, chat_template=source, tokenize=False)
-        enc = tok.apply_chat_template(
-            messages, chat_template=source, tokenize=True, return_dict=True, return_assistant_tokens_mask=generation
-        )
+    for item in json.load(open(conversations_path)):
+        messages, tools = (item, None) if isinstance(item, list) else (item["messages"], item.get("tools"))
+        messages = [
+            {k: ("".join(p["text"] for p in v) if k == "content" and isinstance(v, list) else v)
+             for k, v in m.items() if k != "weight"}
+            for m in messages
+        ]
+        try:
+            text = tok.apply_chat_template(messages, tools=tools, chat_template=source, tokenize=False)
+            enc = tok.apply_chat_template(
+                messages, tools=tools, chat_template=source, tokenize=True, return_dict=True,
+                return_assistant_tokens_mask=generation,
+            )
+        except Exception as e:  # the template raised: ferrotune must refuse the same conversation
+            results.append({"error": f"{type(e).__name__}: {e}"})
+            continue
         item = {"text": text, "ids": list(enc["input_ids"])}
         if generation:
             item["assistant_masks"] = list(enc["assistant_masks"])

@@ -1,33 +1,43 @@
-//! `check`: validates a JSONL training file line by line, in constant memory, against the rules a hosted
-//! fine-tuning service applies (see `record::validate`), and optionally reports token statistics under a
-//! model's tokenizer and template: lengths, rows longer than `max_seq_len`, and the fraction of tokens
-//! each masking strategy trains. Every problem carries its line number and message index; the list is
-//! capped, with a count of the rest. It does not modify or prepare the file.
+//! `check`: validates a training file (JSONL line by line, in constant memory, or Parquet row by row)
+//! against the rules a hosted fine-tuning service applies (see `record::validate` and `rules`), and
+//! optionally reports token statistics under a model's tokenizer and template: lengths, rows longer
+//! than `max_seq_len`, ids outside the vocabulary, and the fraction of tokens each masking strategy
+//! trains. Every problem carries its line (or row) number and message index; warnings are listed but
+//! do not fail the file; the list is capped, with a count of the rest. It does not modify or prepare
+//! the file.
 
 use crate::encode::Encoder;
-use crate::error::{DataError, Result};
+use crate::error::Result;
 use crate::mask::{trained, MaskOptions, Strategy};
-use crate::record::{validate, Format, Record};
+use crate::record::{json_error, validate, Format, Record};
+use crate::source::{Rows, Unit};
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Problem {
-    /// 1-based line number.
-    pub line: usize,
+    /// 1-based line (JSONL) or row (Parquet) number; none for a problem of the whole file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<usize>,
     pub rule: &'static str,
     pub detail: String,
+    /// Listed, but does not fail the file.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub warning: bool,
+    #[serde(skip)]
+    pub unit: &'static str,
 }
 
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.message {
-            Some(m) => write!(f, "line {}, messages[{m}]: {} [{}]", self.line, self.detail, self.rule),
-            None => write!(f, "line {}: {} [{}]", self.line, self.detail, self.rule),
+        let w = if self.warning { "warning: " } else { "" };
+        match (self.line, self.message) {
+            (Some(l), Some(m)) => write!(f, "{} {l}, messages[{m}]: {w}{} [{}]", self.unit, self.detail, self.rule),
+            (Some(l), None) => write!(f, "{} {l}: {w}{} [{}]", self.unit, self.detail, self.rule),
+            (None, _) => write!(f, "{w}{} [{}]", self.detail, self.rule),
         }
     }
 }
@@ -54,14 +64,19 @@ pub struct TokenStats {
 pub struct CheckReport {
     pub file: PathBuf,
     pub ok: bool,
+    /// Lines (JSONL) or rows (Parquet) read.
     pub lines: usize,
     pub valid_rows: usize,
     pub format: Option<Format>,
     /// The first `max_problems` problems.
     pub problems: Vec<Problem>,
     pub problems_total: usize,
+    /// Problems that are warnings, among `problems_total`.
+    pub warnings_total: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens: Option<TokenStats>,
+    /// "line" or "row".
+    pub unit: &'static str,
 }
 
 pub struct CheckOptions {
@@ -83,8 +98,8 @@ struct Tally {
 const STRATEGIES: [Strategy; 5] = Strategy::ALL;
 
 pub fn check_file(path: &Path, opts: &CheckOptions, model: Option<(&Encoder, usize)>) -> Result<CheckReport> {
-    let file = std::fs::File::open(path).map_err(DataError::io(path))?;
-    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut rows = Rows::open(path)?;
+    let unit = rows.unit.as_str();
     let mut report = CheckReport {
         file: path.to_owned(),
         ok: false,
@@ -93,10 +108,13 @@ pub fn check_file(path: &Path, opts: &CheckOptions, model: Option<(&Encoder, usi
         format: None,
         problems: vec![],
         problems_total: 0,
+        warnings_total: 0,
         tokens: None,
+        unit,
     };
     let push = |report: &mut CheckReport, p: Problem| {
         report.problems_total += 1;
+        report.warnings_total += usize::from(p.warning);
         if report.problems.len() < opts.max_problems {
             report.problems.push(p);
         }
@@ -112,40 +130,51 @@ pub fn check_file(path: &Path, opts: &CheckOptions, model: Option<(&Encoder, usi
     };
     let mut first_format: Option<(Format, usize)> = None;
     let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        if reader.read_until(b'\n', &mut buf).map_err(DataError::io(path))? == 0 {
-            break;
-        }
-        report.lines += 1;
-        let line = report.lines;
-        let bytes = buf.strip_suffix(b"\n").unwrap_or(&buf);
-        let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
-        let problem = |rule, detail: String| Problem { line, message: None, rule, detail };
-        let Ok(text) = std::str::from_utf8(bytes) else {
-            push(&mut report, problem("not_utf8", "not valid UTF-8".into()));
-            continue;
+    while let Some(line) = rows.next_into(&mut buf, path)? {
+        report.lines = line;
+        let problem =
+            |rule, detail: String| Problem { line: Some(line), message: None, rule, detail, warning: false, unit };
+        let text = match std::str::from_utf8(&buf) {
+            Ok(t) => t,
+            Err(e) => {
+                let detail = format!(
+                    "not valid UTF-8 (byte {} of the line); hint: re-save the file as UTF-8",
+                    e.valid_up_to() + 1
+                );
+                push(&mut report, problem("not_utf8", detail));
+                continue;
+            }
         };
         if text.trim().is_empty() {
             push(&mut report, problem("blank_line", "blank line (every line must hold one JSON object)".into()));
             continue;
         }
+        if rows.unit == Unit::Line && text.contains('\r') {
+            let detail = "bare CR (\\r) line endings: the file's lines end with \\r alone, so it reads as one line; hint: convert the line endings to \\n (dos2unix -c mac, or tr '\\r' '\\n')";
+            push(&mut report, problem("bare_cr", detail.into()));
+            continue;
+        }
         let value: serde_json::Value = match serde_json::from_str(text) {
             Ok(v) => v,
             Err(e) => {
-                push(&mut report, problem("invalid_json", format!("invalid JSON: {e}")));
+                let rule = if text.starts_with('\u{FEFF}') { "byte_order_mark" } else { "invalid_json" };
+                push(&mut report, problem(rule, json_error(text, &e)));
                 continue;
             }
         };
-        let record = match validate(&value, opts.strict) {
-            Ok(r) => r,
-            Err(violations) => {
-                for v in violations {
-                    push(&mut report, Problem { line, message: v.message, rule: v.rule, detail: v.detail });
-                }
-                continue;
-            }
-        };
+        let (record, violations) = validate(&value, opts.strict);
+        for v in violations {
+            let p = Problem {
+                line: Some(line),
+                message: v.message,
+                rule: v.rule,
+                detail: v.detail,
+                warning: v.warning,
+                unit,
+            };
+            push(&mut report, p);
+        }
+        let Some(record) = record else { continue };
         let format = record.format();
         match first_format {
             None => first_format = Some((format, line)),
@@ -154,32 +183,60 @@ pub fn check_file(path: &Path, opts: &CheckOptions, model: Option<(&Encoder, usi
                     &mut report,
                     problem(
                         "format_changed",
-                        format!("{format} row, but line {first} is {f}; use one format per file"),
+                        format!("{format} row, but {unit} {first} is {f}; use one format per file"),
                     ),
                 );
                 continue;
             }
             _ => {}
         }
-        report.valid_rows += 1;
         if let Some((encoder, max_seq_len)) = model {
-            tally_tokens(&mut tally, encoder, &record, line, max_seq_len)
-                .map_err(|e| DataError::at(path, format!("line {line}: {e}")))?;
+            if let Err(p) = tally_tokens(&mut tally, encoder, &record, line, max_seq_len) {
+                push(
+                    &mut report,
+                    Problem { line: Some(line), message: None, rule: p.0, detail: p.1, warning: false, unit },
+                );
+                continue;
+            }
         }
+        report.valid_rows += 1;
     }
     if report.lines == 0 {
-        push(&mut report, Problem { line: 0, message: None, rule: "empty_file", detail: "the file is empty".into() });
+        let detail = "the file is empty (no rows)".into();
+        push(&mut report, Problem { line: None, message: None, rule: "empty_file", detail, warning: false, unit });
     }
     report.format = first_format.map(|(f, _)| f);
-    report.ok = report.problems_total == 0;
+    report.ok = report.problems_total == report.warnings_total;
     if let Some((_, max_seq_len)) = model {
         report.tokens = (report.valid_rows > 0).then(|| stats(&tally, report.valid_rows, max_seq_len));
     }
     Ok(report)
 }
 
-fn tally_tokens(t: &mut Tally, encoder: &Encoder, record: &Record, line: usize, max_seq_len: usize) -> Result<()> {
-    let enc = encoder.encode(record)?;
+/// Adds a row's token counts; a row the model cannot encode is a problem (rule, detail).
+fn tally_tokens(
+    t: &mut Tally,
+    encoder: &Encoder,
+    record: &Record,
+    line: usize,
+    max_seq_len: usize,
+) -> std::result::Result<(), (&'static str, String)> {
+    let enc = encoder.encode(record).map_err(|e| ("encode_failed", e.to_string()))?;
+    if let Record::Tokens(tokens) = record {
+        let vocab = encoder.tokenizer.inner.get_vocab_size(true) as u32;
+        if let Some((k, &id)) = tokens.input_ids.iter().enumerate().find(|(_, &id)| id >= vocab) {
+            return Err((
+                "id_out_of_vocab",
+                format!("`input_ids`[{k}] = {id} is outside the tokenizer's vocabulary of {vocab}"),
+            ));
+        }
+        if let Some((k, &l)) = tokens.labels.iter().flatten().enumerate().find(|(_, &l)| l >= i64::from(vocab)) {
+            return Err((
+                "id_out_of_vocab",
+                format!("`labels`[{k}] = {l} is outside the tokenizer's vocabulary of {vocab}"),
+            ));
+        }
+    }
     let n = enc.ids.len();
     *t.lengths.entry(n).or_default() += 1;
     t.sum += n;

@@ -23,14 +23,10 @@ pub struct Story {
 
 impl Story {
     pub fn to_messages(&self, system_template: &str) -> Vec<ChatMessage> {
-        let mut m = vec![ChatMessage {
-            role: Role::System,
-            content: system_template.replace("{story}", &self.story),
-            weight: None,
-        }];
+        let mut m = vec![ChatMessage::new(Role::System, system_template.replace("{story}", &self.story))];
         for (q, a) in &self.turns {
-            m.push(ChatMessage { role: Role::User, content: q.clone(), weight: None });
-            m.push(ChatMessage { role: Role::Assistant, content: a.clone(), weight: None });
+            m.push(ChatMessage::new(Role::User, q.clone()));
+            m.push(ChatMessage::new(Role::Assistant, a.clone()));
         }
         m
     }
@@ -178,7 +174,7 @@ pub fn read_conversations(path: &Path) -> Result<Vec<Vec<ChatMessage>>> {
         match crate::record::parse_line(&line, false)
             .map_err(|e| DataError::at(path, format!("line {}: {e}", i + 1)))?
         {
-            crate::record::Record::Messages(m) => out.push(m),
+            crate::record::Record::Messages(m) => out.push(m.messages),
             _ => return Err(DataError::at(path, format!("line {}: not a conversation (`messages`)", i + 1))),
         }
     }

@@ -2,7 +2,14 @@
 //! inside a `{% generation %}` block or not). Conversations are rendered through the chat template and
 //! tokenized once, with byte offsets, without adding special tokens (the template writes them);
 //! prompt/completion and text rows are tokenized as plain text with the tokenizer's own BOS and an EOS.
-//! Masking strategies read the tags; nothing here decides what is trained.
+//! Pre-tokenized rows keep their ids. A sequence with two BOS tokens is refused. Masking strategies read
+//! the tags; nothing here decides what is trained.
+//!
+//! Conversations are tagged by walking the messages in order with the rendered text: each message's
+//! header (the role header text learned from a probe render), then its body (text the template renders
+//! from the message's other fields: reasoning, tool calls, tool definitions placed in the message),
+//! its content (located by `render_spans`), more body, and its end-of-turn token (the first special
+//! token after it). A message with no located content (tool calls only) is found by its header.
 
 use crate::error::{DataError, Result};
 use crate::record::{ChatMessage, Record, Role};
@@ -24,6 +31,10 @@ pub enum Kind {
     Header,
     /// The message's own content.
     Content,
+    /// The rest of a message's turn between its header and its end-of-turn token: what the template
+    /// renders from the message's other fields (an assistant's reasoning and tool calls, a tool result's
+    /// wrapping, tool definitions placed in a user or system message).
+    Body,
     /// The first special token after a message's content (e.g. `<|eot_id|>`, `<|im_end|>`, EOS).
     EndOfTurn,
 }
@@ -63,6 +74,9 @@ pub struct Encoder {
     /// What the tokenizer adds around plain text with add_special_tokens=true (e.g. Llama 3's BOS).
     text_prefix: Vec<u32>,
     eos_id: Option<u32>,
+    bos_id: Option<u32>,
+    /// Tokens that end a turn and stop generation: EOS and the template's end-of-turn tokens.
+    pub stop_ids: HashSet<u32>,
 }
 
 impl Encoder {
@@ -83,29 +97,49 @@ impl Encoder {
         };
         let eos_id = template.as_ref().and_then(|t| tokenizer.token_id(&t.eos_token)).or_else(|| tokenizer.eos_id());
         let template_bos = template.as_ref().is_some_and(|t| t.source.contains("bos_token") && !t.bos_token.is_empty());
-        let mut enc =
-            Encoder { tokenizer, template, special, headers: HashMap::new(), template_bos, text_prefix, eos_id };
+        // BOS as the sequence opener: the template writes it, or the tokenizer puts it before text (a
+        // tokenizer whose `bos_token` also opens every turn, like SmolLM2's <|im_start|>, has none).
+        let bos_id = template
+            .as_ref()
+            .filter(|_| template_bos)
+            .and_then(|t| tokenizer.token_id(&t.bos_token))
+            .or_else(|| text_prefix.first().copied());
+        let mut enc = Encoder {
+            tokenizer,
+            template,
+            special,
+            headers: HashMap::new(),
+            template_bos,
+            text_prefix,
+            eos_id,
+            bos_id,
+            stop_ids: eos_id.into_iter().collect(),
+        };
         enc.headers = enc.learn_headers();
         Ok(enc)
     }
 
-    /// Header text of user and assistant turns that are not first: the template text between the
-    /// end-of-turn token of one message and the content of the next. Templates that refuse the probe
-    /// conversation simply get no preamble detection.
-    fn learn_headers(&self) -> HashMap<Role, String> {
+    /// Header text of each role's turns when they are not first: the template text between the
+    /// end-of-turn token of one message and the content of the next; and the end-of-turn tokens. Learned
+    /// from a user/assistant probe and, for `tool`, from one with a tool result (templates that refuse a
+    /// probe simply get no header for that role).
+    fn learn_headers(&mut self) -> HashMap<Role, String> {
         let mut out = HashMap::new();
         let Some(t) = &self.template else { return out };
-        let probe: Vec<ChatMessage> = [Role::User, Role::Assistant, Role::User, Role::Assistant]
-            .iter()
-            .map(|&role| ChatMessage { role, content: "x".into(), weight: None })
-            .collect();
-        let Ok(r) = t.render_spans(&probe) else { return out };
-        for (i, message) in probe.iter().enumerate().skip(1) {
-            let seg = &r.text[r.content[i - 1].end..r.content[i].start];
-            let Ok(enc) = self.tokenizer.encode_offsets(seg) else { continue };
-            if let Some((id, (_, end))) = enc.first() {
-                if self.special.contains(id) {
-                    out.insert(message.role, seg[*end..].to_owned());
+        use Role::{Assistant, Tool, User};
+        for roles in [&[User, Assistant, User, Assistant][..], &[User, Assistant, Tool, Assistant]] {
+            let probe: crate::record::Conversation =
+                roles.iter().map(|&role| ChatMessage::new(role, "x")).collect::<Vec<_>>().into();
+            let Ok(r) = t.render_spans(&probe) else { continue };
+            for i in 1..probe.len() {
+                let (Some(prev), Some(cur)) = (&r.content[i - 1], &r.content[i]) else { continue };
+                let seg = &r.text[prev.end..cur.start];
+                let Ok(enc) = self.tokenizer.encode_offsets(seg) else { continue };
+                if let Some((id, (_, end))) = enc.first() {
+                    if self.special.contains(id) {
+                        out.entry(probe[i].role).or_insert_with(|| seg[*end..].to_owned());
+                        self.stop_ids.insert(*id);
+                    }
                 }
             }
         }
@@ -119,65 +153,139 @@ impl Encoder {
 
     /// Token ids and tags of one record.
     pub fn encode(&self, record: &Record) -> Result<Encoded> {
-        match record {
+        let enc = match record {
             Record::Messages(messages) => self.encode_messages(messages),
             Record::PromptCompletion { prompt, completion } => {
                 self.encode_plain(&[(prompt.as_str(), Role::User), (completion.as_str(), Role::Assistant)])
             }
             Record::Text(text) => self.encode_plain(&[(text.as_str(), Role::Assistant)]),
+            Record::Tokens(t) => Ok(Encoded {
+                ids: t.input_ids.clone(),
+                tags: vec![Tag::new(Kind::Content, None, None); t.input_ids.len()],
+            }),
+        }?;
+        if let Some(bos) = self.bos_id {
+            let n = enc.ids.iter().filter(|&&id| id == bos).count();
+            if n > 1 {
+                let name = self.tokenizer.inner.id_to_token(bos).unwrap_or_default();
+                return Err(DataError::at(
+                    &self.tokenizer.path,
+                    format!("the sequence has {n} BOS tokens ({name}): the template writes one and the text (or the tokenizer) adds another; hint: remove {name} from the data, or use a template without bos_token"),
+                ));
+            }
         }
+        Ok(enc)
     }
 
-    fn encode_messages(&self, messages: &[ChatMessage]) -> Result<Encoded> {
+    fn encode_messages(&self, conv: &crate::record::Conversation) -> Result<Encoded> {
         let template = self.template.as_ref().ok_or_else(|| {
             DataError::at(
                 &self.tokenizer.path,
                 "conversations need a chat template and this tokenizer ships none; hint: choose one with --template llama3, --template chatml or a .jinja file (model.template in a run config)",
             )
         })?;
-        let r = template.render_spans(messages)?;
+        let r = template.render_spans(conv)?;
         let toks = self.tokenizer.encode_offsets(&r.text)?;
-        let n = messages.len();
-        // Where the first message's header starts: after BOS and any preamble.
-        let seg0 = &r.text[..r.content[0].start];
-        let bos_len =
-            if self.template_bos && seg0.starts_with(&template.bos_token) { template.bos_token.len() } else { 0 };
-        let preamble_end = match self.headers.get(&messages[0].role) {
-            Some(h) if seg0.len() >= bos_len + h.len() && seg0.ends_with(h.as_str()) => seg0.len() - h.len(),
-            _ => bos_len,
-        };
+        let regions = self.regions(template, conv, &r, &toks);
         let mut tags = Vec::with_capacity(toks.len());
-        let mut seg = 0usize; // number of contents entirely before the current token
-        let mut seen_in_seg = false;
-        for (t, &(id, (start, end))) in toks.iter().enumerate() {
-            while seg < n && r.content[seg].end <= start && !overlaps(&r.content[seg], start, end) {
-                seg += 1;
-                seen_in_seg = false;
+        let mut c = 0usize; // first content span that may still overlap
+        let spans: Vec<(usize, &std::ops::Range<usize>)> =
+            r.content.iter().enumerate().filter_map(|(i, s)| s.as_ref().map(|s| (i, s))).collect();
+        for &(_, (start, end)) in &toks {
+            while c < spans.len() && spans[c].1.end <= start {
+                c += 1;
             }
-            let tag = if seg < n && overlaps(&r.content[seg], start, end) {
-                Tag::new(Kind::Content, Some(messages[seg].role), Some(seg))
-            } else if seg == 0 {
-                if t == 0 && bos_len > 0 && end <= bos_len {
-                    Tag::new(Kind::Bos, None, None)
-                } else if end <= preamble_end {
-                    Tag::new(Kind::Preamble, None, None)
-                } else {
-                    Tag::new(Kind::Header, Some(messages[0].role), Some(0))
+            let tag = match spans.get(c) {
+                Some(&(i, span)) if overlaps(span, start, end) => Tag::new(Kind::Content, Some(conv[i].role), Some(i)),
+                _ => {
+                    let k = regions.partition_point(|(at, _)| *at <= start);
+                    regions[k.saturating_sub(1)].1
                 }
-            } else if !seen_in_seg && self.special.contains(&id) {
-                Tag::new(Kind::EndOfTurn, Some(messages[seg - 1].role), Some(seg - 1))
-            } else if seg < n {
-                Tag::new(Kind::Header, Some(messages[seg].role), Some(seg))
-            } else {
-                Tag::new(Kind::Header, None, None)
             };
-            if tag.kind != Kind::Content {
-                seen_in_seg = true;
-            }
             let generation = r.generation.iter().any(|g| overlaps(g, start, end));
             tags.push(Tag { generation, ..tag });
         }
         Ok(Encoded { ids: toks.iter().map(|&(id, _)| id).collect(), tags })
+    }
+
+    /// Where each message's parts start, as (byte offset, tag) in order; a token outside every content
+    /// span takes the tag of the last region starting at or before it.
+    fn regions(
+        &self,
+        template: &ChatTemplate,
+        conv: &crate::record::Conversation,
+        r: &crate::template::Rendered,
+        toks: &[(u32, (usize, usize))],
+    ) -> Vec<(usize, Tag)> {
+        let n = conv.len();
+        let text = &r.text;
+        let role = |i: usize| Some(conv[i].role);
+        let mut regions = vec![(0, Tag::new(Kind::Header, role(0), Some(0)))];
+        // Message 0: BOS, then template text that belongs to no message, then its header.
+        let first = r.content[0].as_ref().map_or(text.len(), |c| c.start);
+        let seg0 = &text[..first];
+        let bos_len =
+            if self.template_bos && seg0.starts_with(&template.bos_token) { template.bos_token.len() } else { 0 };
+        if bos_len > 0 && toks.first().is_some_and(|t| t.1 .1 <= bos_len) {
+            regions[0] = (0, Tag::new(Kind::Bos, None, None));
+            regions.push((toks[0].1 .1, Tag::new(Kind::Header, role(0), Some(0))));
+        }
+        let mut pos = regions.last().expect("one region").0;
+        // The first message's header, found by its text: what comes before it is preamble (a default
+        // system prompt the template injects), what comes after it and before the content is body (tool
+        // definitions placed in the first user message).
+        if let (Some(h), Some(c)) = (self.headers.get(&conv[0].role), &r.content[0]) {
+            if let Some(at) = seg0[pos..].rfind(h.as_str()).map(|k| k + pos) {
+                if at > pos {
+                    regions.push((pos, Tag::new(Kind::Preamble, None, None)));
+                    regions.push((at, Tag::new(Kind::Header, role(0), Some(0))));
+                }
+                if at + h.len() < c.start {
+                    regions.push((at + h.len(), Tag::new(Kind::Body, role(0), Some(0))));
+                }
+            }
+        }
+        for i in 0..n {
+            let next_content = (i + 1..n).find_map(|j| r.content[j].as_ref().map(|c| c.start)).unwrap_or(text.len());
+            let header = self.headers.get(&conv[i].role);
+            match &r.content[i] {
+                Some(c) => {
+                    if i > 0 {
+                        regions.push((pos, Tag::new(Kind::Header, role(i), Some(i))));
+                        if let Some(h) = header.filter(|h| text[pos..c.start].starts_with(h.as_str())) {
+                            if pos + h.len() < c.start {
+                                regions.push((pos + h.len(), Tag::new(Kind::Body, role(i), Some(i))));
+                            }
+                        }
+                    }
+                    pos = c.end;
+                }
+                None => {
+                    // No content to anchor on: the message is found by its header, or not at all.
+                    let Some(h) = header.filter(|h| text[pos..].starts_with(h.as_str())) else { continue };
+                    regions.push((pos, Tag::new(Kind::Header, role(i), Some(i))));
+                    pos += h.len();
+                }
+            }
+            // The turn's tail: body text up to the first special token before the next content, which
+            // ends the turn.
+            let after = |t: &&(u32, (usize, usize))| t.1 .0 >= pos && t.1 .0 < next_content;
+            let k = toks.partition_point(|t| t.1 .0 < pos);
+            match toks[k..].iter().take_while(|t| after(t)).find(|t| self.special.contains(&t.0)) {
+                Some(&(_, (s, e))) => {
+                    if s > pos {
+                        regions.push((pos, Tag::new(Kind::Body, role(i), Some(i))));
+                    }
+                    regions.push((s, Tag::new(Kind::EndOfTurn, role(i), Some(i))));
+                    pos = e;
+                }
+                // Nothing closes the turn before the next content: the text goes to the next header.
+                None => {}
+            }
+            let next = (i + 1 < n).then_some(i + 1);
+            regions.push((pos, Tag::new(Kind::Header, next.map(|j| conv[j].role), next)));
+        }
+        regions
     }
 
     /// Plain text pieces, each tokenized on its own (so no token straddles two pieces), with the

@@ -1,6 +1,7 @@
 //! ferrotune's data crate: conversation formats, chat templates, tokenization, masking and packing. It
 //! does not depend on tch; it produces token ids and labels that the trainer consumes.
 
+pub mod builtin;
 pub mod cache;
 pub mod check;
 pub mod coqa;
@@ -13,6 +14,8 @@ pub mod pack;
 pub mod prepare;
 pub mod preview;
 pub mod record;
+pub mod rules;
+pub mod source;
 pub mod template;
 pub mod tokenizer;
 

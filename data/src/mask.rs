@@ -4,12 +4,14 @@
 //! | strategy      | trained tokens                                                                  |
 //! |---------------|---------------------------------------------------------------------------------|
 //! | `all`         | every token, template tokens included (BOS excluded)                             |
-//! | `assistant`   | assistant content and its end-of-turn token (the `{% generation %}` spans when the template has them) |
-//! | `boilerplate` | content of every message plus assistant end-of-turn; headers, BOS, preambles masked |
+//! | `assistant`   | each assistant turn after its header: content, reasoning, tool calls, end-of-turn (the `{% generation %}` spans when the template has them) |
+//! | `boilerplate` | content of system and user messages, plus whole assistant turns as above; headers, BOS, preambles, tool definitions and tool results masked |
 //! | `last`        | the final assistant turn only                                                    |
-//! | `auto`        | conversations and prompt/completion: `assistant`; text: `all`; any `weight`: weights decide |
+//! | `auto`        | conversations and prompt/completion: `assistant`; text: `all`; any `weight`: weights decide; pre-tokenized: the row's labels |
 //!
-//! A message's explicit `weight` (0 or 1) overrides the strategy for that message.
+//! A `tool` message is input: never trained except under `all` (or by its own `weight`). A message's
+//! explicit `weight` (0 or 1) overrides the strategy for that message. Pre-tokenized rows carry their
+//! own mask (`labels`); only `auto` (the labels) and `all` apply to them.
 
 use crate::encode::{Encoded, Kind};
 use crate::record::{Format, Record, Role};
@@ -80,6 +82,7 @@ pub fn trained(record: &Record, enc: &Encoded, opts: MaskOptions, generation_spa
         Strategy::Auto => Rule::Strategy(match record.format() {
             Format::Messages | Format::PromptCompletion => Strategy::Assistant,
             Format::Text => Strategy::All,
+            Format::Tokens => Strategy::All, // not reached: pre-tokenized rows returned above
         }),
         s => Rule::Strategy(s),
     };
@@ -93,6 +96,11 @@ pub fn trained(record: &Record, enc: &Encoded, opts: MaskOptions, generation_spa
         .rev()
         .find(|t| t.kind == Kind::Content && t.role == Some(Role::Assistant))
         .and_then(|t| t.message);
+    if let Record::Tokens(t) = record {
+        return (0..t.input_ids.len())
+            .map(|i| i > 0 && (opts.strategy == Strategy::All || t.labels.as_ref().is_none_or(|l| l[i] != -100)))
+            .collect();
+    }
     let use_generation = generation_spans && record.format() == Format::Messages;
     enc.tags
         .iter()
@@ -102,11 +110,12 @@ pub fn trained(record: &Record, enc: &Encoded, opts: MaskOptions, generation_spa
             if t == 0 {
                 return false;
             }
-            let body = tag.kind == Kind::Content || (tag.kind == Kind::EndOfTurn && opts.train_eot);
+            let eot = tag.kind == Kind::EndOfTurn && opts.train_eot;
+            let body = matches!(tag.kind, Kind::Content | Kind::Body) || eot;
             let assistant = tag.role == Some(Role::Assistant);
             // A message's explicit weight wins over any strategy.
             if let Some(Some(w)) = tag.message.and_then(|m| weights.get(m as usize)) {
-                if tag.kind == Kind::Content || tag.kind == Kind::EndOfTurn {
+                if matches!(tag.kind, Kind::Content | Kind::Body | Kind::EndOfTurn) {
                     return body && *w == 1;
                 }
             }
@@ -119,7 +128,7 @@ pub fn trained(record: &Record, enc: &Encoded, opts: MaskOptions, generation_spa
                 Rule::Strategy(Strategy::Assistant) if use_generation => tag.generation,
                 Rule::Strategy(Strategy::Assistant) => body && assistant,
                 Rule::Strategy(Strategy::Boilerplate) => {
-                    tag.kind == Kind::Content || (tag.kind == Kind::EndOfTurn && assistant && opts.train_eot)
+                    (tag.kind == Kind::Content && tag.role != Some(Role::Tool)) || (assistant && body)
                 }
                 Rule::Strategy(Strategy::Last) => body && assistant && tag.message == last_assistant,
                 Rule::Strategy(Strategy::Auto) => unreachable!("auto was resolved above"),

@@ -1,15 +1,18 @@
-//! `prepare`: a JSONL file -> records -> token ids and tags -> masks and shifted labels -> packed rows
-//! -> token cache. Lines are read in chunks and encoded on several threads; progress is reported
-//! through a callback (the CLI draws the bar). Also builds the cache key that training uses to refuse a
-//! stale cache. It does not know about models or tensors.
+//! `prepare`: a JSONL (or Parquet) file -> records -> token ids and tags -> masks and shifted labels ->
+//! packed rows -> token cache. Lines are read in chunks and encoded on several threads; progress is
+//! reported through a callback (the CLI draws the bar). Refuses a dataset in which no end-of-turn token
+//! is ever trained (the model would never learn to stop) unless end-of-turn training was turned off.
+//! Also builds the cache key that training uses to refuse a stale cache. It does not know about models
+//! or tensors.
 
 use crate::cache::{self, CacheHeader, CacheKey, TokenCache};
 use crate::encode::Encoder;
 use crate::error::{DataError, Result};
+use crate::mask::Strategy;
 use crate::mask::{shifted_labels, trained, MaskOptions};
 use crate::pack::{self, Overlong, PackStats, Row, Sample};
 use crate::record::{parse_line, Format, Record};
-use std::io::BufRead;
+use crate::source::Rows;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone)]
@@ -31,11 +34,26 @@ impl PrepareOptions {
 
 /// What a record becomes: a sample, or nothing to train on.
 pub fn sample_of(encoder: &Encoder, record: &Record, mask: MaskOptions) -> Result<Sample> {
+    Ok(encode_sample(encoder, record, mask)?.0)
+}
+
+/// The sample and how many of its trained labels are end-of-turn (stop) tokens.
+fn encode_sample(encoder: &Encoder, record: &Record, mask: MaskOptions) -> Result<(Sample, usize)> {
     let enc = encoder.encode(record)?;
     let generation = encoder.template.as_ref().is_some_and(|t| t.has_generation);
     let flags = trained(record, &enc, mask, generation);
-    let labels = shifted_labels(&enc.ids, &flags);
-    Ok(Sample { ids: enc.ids, labels })
+    let labels = match record {
+        // Pre-tokenized labels are used as given (unshifted, Hugging Face style: `labels[t]` is the
+        // target of position t - 1), wherever they are trained.
+        Record::Tokens(crate::record::Tokens { labels: Some(given), .. }) if mask.strategy != Strategy::All => {
+            (0..enc.ids.len())
+                .map(|t| if flags.get(t + 1) == Some(&true) { given[t + 1] as i32 } else { -100 })
+                .collect()
+        }
+        _ => shifted_labels(&enc.ids, &flags),
+    };
+    let stops = labels.iter().filter(|&&l| l >= 0 && encoder.stop_ids.contains(&(l as u32))).count();
+    Ok((Sample { ids: enc.ids, labels }, stops))
 }
 
 /// The key a cache of `data` prepared with `encoder` and `opts` has.
@@ -58,51 +76,57 @@ pub fn prepare(
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<(CacheHeader, Vec<Row>)> {
     let key = cache_key(data, encoder, opts)?;
-    let file = std::fs::File::open(data).map_err(DataError::io(data))?;
-    let total = file.metadata().map_err(DataError::io(data))?.len();
-    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut rows = Rows::open(data)?;
+    let (unit, total) = (rows.unit.as_str(), rows.total);
     let mut samples = vec![];
     let mut format: Option<Format> = None;
     let mut dropped_no_trained = 0usize;
-    let (mut line_no, mut read) = (0usize, 0u64);
+    let mut trained_stops = 0usize;
     let mut buf = Vec::new();
     loop {
         // A chunk of lines: (line number, text).
         let mut chunk: Vec<(usize, String)> = Vec::with_capacity(4096);
         while chunk.len() < 4096 {
-            buf.clear();
-            let n = reader.read_until(b'\n', &mut buf).map_err(DataError::io(data))?;
-            if n == 0 {
-                break;
-            }
-            read += n as u64;
-            line_no += 1;
+            let Some(line_no) = rows.next_into(&mut buf, data)? else { break };
             let text = String::from_utf8(std::mem::take(&mut buf)).map_err(|_| {
-                DataError::at(data, format!("line {line_no}: not valid UTF-8; hint: run `ferrotune check`"))
+                DataError::at(data, format!("{unit} {line_no}: not valid UTF-8; hint: run `ferrotune check`"))
             })?;
             chunk.push((line_no, text));
         }
         if chunk.is_empty() {
             break;
         }
-        let results = encode_chunk(&chunk, encoder, opts, data)?;
-        for (line, record_format, sample) in results {
+        let results = encode_chunk(&chunk, encoder, opts, data, unit)?;
+        for (line, record_format, sample, stops) in results {
             match format {
-                None => format = Some(record_format),
+                None => {
+                    format = Some(record_format);
+                    if record_format == Format::Tokens && !matches!(opts.mask.strategy, Strategy::Auto | Strategy::All)
+                    {
+                        return Err(DataError::at(
+                            data,
+                            format!(
+                                "pre-tokenized rows carry their own mask (`labels`) and no turns, so strategy `{}` cannot apply; hint: use --strategy auto (the labels) or all",
+                                opts.mask.strategy
+                            ),
+                        ));
+                    }
+                }
                 Some(f) if f != record_format => {
                     return Err(DataError::at(
                         data,
-                        format!("line {line}: {record_format} row in a {f} file; hint: run `ferrotune check`"),
+                        format!("{unit} {line}: {record_format} row in a {f} file; hint: run `ferrotune check`"),
                     ))
                 }
                 _ => {}
             }
+            trained_stops += stops;
             match sample {
                 Some(s) => samples.push(s),
                 None => dropped_no_trained += 1,
             }
         }
-        progress(read, total);
+        progress(rows.position(), total);
     }
     let format = format.ok_or_else(|| DataError::at(data, "the file has no rows"))?;
     if samples.is_empty() {
@@ -110,6 +134,18 @@ pub fn prepare(
             data,
             format!(
                 "no row has a trained token under masking strategy `{}` ({dropped_no_trained} rows, all masked); hint: choose another --strategy",
+                opts.mask.strategy
+            ),
+        ));
+    }
+    if trained_stops == 0 && opts.mask.train_eot && !encoder.stop_ids.is_empty() {
+        let names: Vec<String> =
+            encoder.stop_ids.iter().filter_map(|&id| encoder.tokenizer.inner.id_to_token(id)).collect();
+        return Err(DataError::at(
+            data,
+            format!(
+                "no end-of-turn token ({}) is trained anywhere in the data under strategy `{}`: a model trained on it never learns to stop generating; hint: check the template's {{% generation %}} blocks or the labels, or pass --no-train-eot if that is what you want",
+                names.join(", "),
                 opts.mask.strategy
             ),
         ));
@@ -134,7 +170,8 @@ pub fn prepare(
     Ok((header, rows))
 }
 
-type Encoded = (usize, Format, Option<Sample>);
+/// (line, format, the sample unless it trains nothing, trained end-of-turn tokens).
+type Encoded = (usize, Format, Option<Sample>, usize);
 
 /// Parses and encodes a chunk of lines on `opts.threads` threads, keeping line order.
 fn encode_chunk(
@@ -142,16 +179,17 @@ fn encode_chunk(
     encoder: &Encoder,
     opts: &PrepareOptions,
     data: &Path,
+    unit: &str,
 ) -> Result<Vec<Encoded>> {
     let threads = opts.threads.max(1).min(chunk.len());
     let per = chunk.len().div_ceil(threads);
     let one = |(line, text): &(usize, String)| -> Result<Encoded> {
-        let at = |msg: String| DataError::at(data, format!("line {line}: {msg}"));
-        let record = parse_line(text.trim_end_matches(['\n', '\r']), false)
-            .map_err(|e| at(format!("{e}; hint: run `ferrotune check {}`", data.display())))?;
-        let sample = sample_of(encoder, &record, opts.mask).map_err(|e| at(e.to_string()))?;
+        let at = |msg: String| DataError::at(data, format!("{unit} {line}: {msg}"));
+        let record =
+            parse_line(text, false).map_err(|e| at(format!("{e}; hint: run `ferrotune check {}`", data.display())))?;
+        let (sample, stops) = encode_sample(encoder, &record, opts.mask).map_err(|e| at(e.to_string()))?;
         let keep = sample.trained() > 0;
-        Ok((*line, record.format(), keep.then_some(sample)))
+        Ok((*line, record.format(), keep.then_some(sample), stops))
     };
     let parts: Vec<Result<Vec<Encoded>>> = std::thread::scope(|s| {
         let handles: Vec<_> =

@@ -1,25 +1,22 @@
 //! Chat templates: the model's own Jinja template (`chat_template` in tokenizer_config.json, or
 //! `chat_template.jinja`) rendered with minijinja the way transformers' `apply_chat_template` renders it
 //! (trim_blocks + lstrip_blocks, Python string methods, `raise_exception`, `strftime_now`, and a `tojson`
-//! that prints like Python's `json.dumps`), plus built-in `llama3` and `chatml` templates for tokenizers
-//! that ship none. `render_spans` also locates every message's content in the rendered text (one render
-//! with sentinel contents, one real render, aligned) and the `{% generation %}` spans that transformers
-//! uses for `return_assistant_tokens_mask` (the tags are rewritten to marker characters, then stripped).
-//! It renders text only; tokenization and token tags are in `encode`.
+//! that prints like Python's `json.dumps`), with `tools` and every message field passed as transformers
+//! passes them, plus the built-in templates of `builtin` for tokenizers that ship none. `render_spans`
+//! also locates every message's content in the rendered text (one render with sentinel contents, one
+//! real render, aligned; messages with no text, or whose text the template does not render, have no
+//! span) and the `{% generation %}` spans that transformers uses for `return_assistant_tokens_mask` (the
+//! tags are rewritten to marker characters, then stripped). It renders text only; tokenization and
+//! token tags are in `encode`.
 
+pub use crate::builtin::{CHATML, LLAMA3, LLAMA31};
 use crate::error::{DataError, Result};
-use crate::record::ChatMessage;
+use crate::record::{ChatMessage, Conversation};
 use crate::tokenizer::SpecialTokens;
 use minijinja::{Environment, Error as JinjaError, ErrorKind, Value};
 use serde::Serialize;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-
-/// The Llama 3 Instruct template (as shipped in Meta-Llama-3-8B-Instruct's tokenizer_config.json).
-pub const LLAMA3: &str = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
-
-/// ChatML (`<|im_start|>role\ncontent<|im_end|>\n`), without an injected system prompt.
-pub const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
 /// Marker characters that `{% generation %}` / `{% endgeneration %}` are rewritten to (Unicode
 /// noncharacters: never produced by a tokenizer's text, and rejected in message content).
@@ -29,15 +26,19 @@ const GEN_END: char = '\u{10FFFF}';
 /// Sentinel content of message `i` in the probe render: one character of Supplementary Private Use
 /// Area-A, which no template transforms (trim, lower, ...) in a way that changes it.
 fn sentinel(i: usize) -> String {
-    char::from_u32(0xF0000 + i as u32).expect("fewer than 65534 messages").to_string()
+    char::from_u32(0xF0000 + i as u32).expect("at most MAX_MESSAGES messages").to_string()
 }
+
+/// The most messages one conversation may have: one sentinel character each.
+pub const MAX_MESSAGES: usize = 65_534;
 
 /// Text rendered by a chat template, with where each message's content landed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rendered {
     pub text: String,
-    /// Byte range of each message's content in `text` (as rendered: possibly trimmed by the template).
-    pub content: Vec<Range<usize>>,
+    /// Byte range of each message's content in `text` (as rendered: possibly trimmed by the template);
+    /// `None` for a message with no text or whose text the template leaves out.
+    pub content: Vec<Option<Range<usize>>>,
     /// Byte ranges inside `{% generation %}` blocks, when the template has them.
     pub generation: Vec<Range<usize>>,
 }
@@ -68,13 +69,13 @@ pub struct ChatTemplate {
 }
 
 impl ChatTemplate {
-    /// Picks the template: `auto` (the model's own), `llama3` or `chatml` (built in), or a path to a
-    /// `.jinja` file. Special-token strings come from `dir`'s tokenizer_config.json either way.
+    /// Picks the template: `auto` (the model's own), a built-in name (`llama3`, `llama31`, `chatml`, in
+    /// any case), or a path to a `.jinja` file. Special-token strings come from `dir`'s tokenizer_config.json either way.
     pub fn load(dir: &Path, choice: &str) -> Result<Self> {
         Self::find(dir, choice)?.ok_or_else(|| {
             DataError::at(
                 dir,
-                "the tokenizer ships no chat template (no chat_template.jinja, no `chat_template` in tokenizer_config.json); hint: choose one with --template llama3, --template chatml or a .jinja file",
+                "the tokenizer ships no chat template (no chat_template.jinja, no `chat_template` in tokenizer_config.json); hint: choose one with --template llama3, --template llama31 (tool calls), --template chatml or a .jinja file",
             )
         })
     }
@@ -87,8 +88,10 @@ impl ChatTemplate {
                 Some(found) => found,
                 None => return Ok(None),
             },
-            "llama3" => (LLAMA3.to_owned(), PathBuf::from("<built-in llama3>")),
-            "chatml" => (CHATML.to_owned(), PathBuf::from("<built-in chatml>")),
+            name if crate::builtin::get(name).is_some() => {
+                let (name, src) = crate::builtin::get(name).expect("checked");
+                (src.to_owned(), PathBuf::from(format!("<built-in {name}>")))
+            }
             path => {
                 let p = PathBuf::from(path);
                 (std::fs::read_to_string(&p).map_err(DataError::io(&p))?, p)
@@ -124,35 +127,58 @@ impl ChatTemplate {
 
     /// Renders `messages` as transformers does; `add_generation_prompt` appends the assistant header.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        Ok(strip_generation(&self.render_raw(messages, add_generation_prompt)?).0)
+        let values: Vec<serde_json::Value> =
+            messages.iter().map(|m| serde_json::json!({"role": m.role, "content": m.content})).collect();
+        Ok(strip_generation(&self.render_raw(&values, None, add_generation_prompt)?).0)
     }
 
     /// Renders a conversation for training and locates every content and generation span.
-    pub fn render_spans(&self, messages: &[ChatMessage]) -> Result<Rendered> {
-        let real: Vec<Message> = messages.iter().map(|m| Message::new(m.role.as_str(), &m.content)).collect();
-        if let Some((i, _)) = real.iter().enumerate().find(|(_, m)| m.content.contains([GEN_START, GEN_END])) {
+    pub fn render_spans(&self, conv: &Conversation) -> Result<Rendered> {
+        let messages = &conv.messages;
+        if let Some(i) = messages.iter().position(|m| m.content.contains([GEN_START, GEN_END])) {
             return Err(DataError::at(
                 &self.origin,
                 format!("messages[{i}] contains the Unicode noncharacters U+10FFFE/U+10FFFF, which ferrotune reserves"),
             ));
         }
-        let (text, generation) = strip_generation(&self.render_raw(&real, false)?);
-        let probe: Vec<Message> =
-            messages.iter().enumerate().map(|(i, m)| Message::new(m.role.as_str(), &sentinel(i))).collect();
-        let (probe_text, _) = strip_generation(&self.render_raw(&probe, false)?);
-        let content = align(&text, &probe_text, messages).ok_or_else(|| {
+        if messages.len() > MAX_MESSAGES {
+            return Err(DataError::at(
+                &self.origin,
+                format!("{} messages in one conversation; at most {MAX_MESSAGES} are supported", messages.len()),
+            ));
+        }
+        let real: Vec<serde_json::Value> = messages.iter().map(|m| m.template_value(None)).collect();
+        let tools = conv.tools.as_deref();
+        let (text, generation) = strip_generation(&self.render_raw(&real, tools, false)?);
+        // Messages with text get a sentinel; the others (tool calls only, empty text) render as they are.
+        let probed: Vec<bool> = messages.iter().map(|m| !m.content.is_empty()).collect();
+        let probe: Vec<serde_json::Value> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| if probed[i] { m.template_value(Some(&sentinel(i))) } else { real[i].clone() })
+            .collect();
+        let (probe_text, _) = strip_generation(&self.render_raw(&probe, tools, false)?);
+        let content = align(&text, &probe_text, messages, &probed).ok_or_else(|| {
             DataError::at(
                 &self.origin,
-                "cannot locate message contents in the rendered text: the template changes contents in more ways than trimming them, or renders some messages conditionally on their content; hint: use a built-in template (--template llama3|chatml)",
+                "cannot locate message contents in the rendered text: the template changes contents in more ways than trimming them, or renders some messages conditionally on their content; hint: use a built-in template (--template llama3|llama31|chatml)",
             )
         })?;
         Ok(Rendered { text, content, generation })
     }
 
-    fn render_raw(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+    fn render_raw(
+        &self,
+        messages: &[serde_json::Value],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let tmpl = self.env.get_template("chat").expect("template was added");
+        // transformers passes `tools=None` and `documents=None` when there are none: defined, but none.
         let ctx = minijinja::context! {
             messages => Value::from(minijinja::value::Serde(messages)),
+            tools => tools.map(|t| Value::from(minijinja::value::Serde(t))),
+            documents => Value::from(()),
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
@@ -373,17 +399,22 @@ fn strip_generation(text: &str) -> (String, Vec<Range<usize>>) {
 }
 
 /// Aligns the real render with the sentinel render: the text between sentinels is template text and
-/// must appear verbatim in the real render, with each message's content (or its trimmed form) between.
-fn align(text: &str, probe: &str, messages: &[ChatMessage]) -> Option<Vec<Range<usize>>> {
+/// must appear verbatim in the real render, with each probed message's content (or its trimmed form)
+/// between. A sentinel the template does not render means it leaves that message's text out (no span).
+fn align(text: &str, probe: &str, messages: &[ChatMessage], probed: &[bool]) -> Option<Vec<Option<Range<usize>>>> {
     let mut segments = Vec::with_capacity(messages.len() + 1);
+    let mut shown = vec![]; // the messages whose sentinel is in the probe, in order
     let mut pos = 0;
-    for i in 0..messages.len() {
+    for i in (0..messages.len()).filter(|&i| probed[i]) {
         let s = sentinel(i);
-        if probe.matches(s.as_str()).count() != 1 {
-            return None;
+        match probe.matches(s.as_str()).count() {
+            0 => continue,
+            1 => {}
+            _ => return None,
         }
         let at = pos + probe[pos..].find(s.as_str())?;
         segments.push(&probe[pos..at]);
+        shown.push(i);
         pos = at + s.len();
     }
     segments.push(&probe[pos..]);
@@ -391,19 +422,22 @@ fn align(text: &str, probe: &str, messages: &[ChatMessage]) -> Option<Vec<Range<
     if !text.starts_with(segments[0]) {
         return None;
     }
-    let mut spans = Vec::with_capacity(messages.len());
-    for (i, m) in messages.iter().enumerate() {
-        let next = segments[i + 1];
-        let last = i + 1 == messages.len();
-        let c = m.content.as_str();
-        let found = [c, c.trim(), c.trim_start(), c.trim_end()].into_iter().find(|cand| {
+    let mut spans = vec![None; messages.len()];
+    for (k, &i) in shown.iter().enumerate() {
+        let next = segments[k + 1];
+        let last = k + 1 == shown.len();
+        let c = messages[i].content.as_str();
+        // As given, trimmed, or written as a JSON string (a template that applies `tojson` to it).
+        let escaped = serde_json::to_string(c).expect("a string");
+        let escaped = &escaped[1..escaped.len() - 1];
+        let found = [c, c.trim(), c.trim_start(), c.trim_end(), escaped].into_iter().find(|cand| {
             let rest = &text[cur..];
             rest.starts_with(cand)
                 && rest[cand.len()..].starts_with(next)
                 && (!last || rest.len() == cand.len() + next.len())
         })?;
         // Position of the rendered content inside the real text.
-        spans.push(cur..cur + found.len());
+        spans[i] = Some(cur..cur + found.len());
         cur += found.len() + next.len();
     }
     (cur == text.len()).then_some(spans)

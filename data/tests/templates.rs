@@ -8,7 +8,7 @@
 
 use ferrotune_data::encode::Encoder;
 use ferrotune_data::mask::{trained, MaskOptions, Strategy};
-use ferrotune_data::record::{ChatMessage, Record};
+use ferrotune_data::record::{ChatMessage, Conversation, Record};
 use ferrotune_data::{fixtures, ChatTemplate, Tokenizer};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -17,8 +17,9 @@ fn corpus_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/conversations.json")
 }
 
-fn corpus() -> Vec<Vec<ChatMessage>> {
-    serde_json::from_str(&std::fs::read_to_string(corpus_path()).unwrap()).unwrap()
+fn corpus() -> Vec<Conversation> {
+    let plain: Vec<Vec<ChatMessage>> = serde_json::from_str(&std::fs::read_to_string(corpus_path()).unwrap()).unwrap();
+    plain.into_iter().map(Conversation::from).collect()
 }
 
 fn fixture_template(name: &str) -> PathBuf {

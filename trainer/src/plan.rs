@@ -47,8 +47,9 @@ pub struct DataSection {
     pub validation: PathBuf,
     /// Masking strategy: all, assistant, boilerplate, last, auto.
     pub strategy: String,
-    /// Hosted-API spelling of the strategy: true = all, false = assistant (leave unset to use `strategy`).
-    pub train_on_inputs: Option<bool>,
+    /// Hosted-API spelling of the strategy: true = all, false = assistant, "auto" = auto (leave unset
+    /// to use `strategy`).
+    pub train_on_inputs: Option<TrainOnInputs>,
     /// Train end-of-turn tokens after assistant content.
     pub train_eot: bool,
     /// Row length in tokens.
@@ -260,12 +261,57 @@ pub fn checkpointing_for(value: &str, every: usize, device: &str) -> Result<Chec
     }
 }
 
+/// `data.train_on_inputs` as the hosted API spells it: `true`, `false` or `"auto"` (inputs masked in
+/// conversations and prompt/completion rows, trained in plain text; per-message weights decide where
+/// given).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrainOnInputs {
+    Yes,
+    No,
+    Auto,
+}
+
+impl Serialize for TrainOnInputs {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            TrainOnInputs::Yes => s.serialize_bool(true),
+            TrainOnInputs::No => s.serialize_bool(false),
+            TrainOnInputs::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TrainOnInputs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = TrainOnInputs;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("true, false or \"auto\"")
+            }
+            fn visit_bool<E: serde::de::Error>(self, b: bool) -> std::result::Result<TrainOnInputs, E> {
+                Ok(if b { TrainOnInputs::Yes } else { TrainOnInputs::No })
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> std::result::Result<TrainOnInputs, E> {
+                match s {
+                    "auto" => Ok(TrainOnInputs::Auto),
+                    "true" => Ok(TrainOnInputs::Yes),
+                    "false" => Ok(TrainOnInputs::No),
+                    other => Err(E::invalid_value(serde::de::Unexpected::Str(other), &self)),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// The masking options and overlong policy a config asks for.
 pub fn data_options(c: &DataSection) -> Result<(MaskOptions, Overlong)> {
     let bad = |key: &str, msg: String| Error::Config { path: PathBuf::new(), key: key.into(), msg };
     let strategy = match c.train_on_inputs {
-        Some(true) => Strategy::All,
-        Some(false) => Strategy::Assistant,
+        Some(TrainOnInputs::Yes) => Strategy::All,
+        Some(TrainOnInputs::No) => Strategy::Assistant,
+        Some(TrainOnInputs::Auto) => Strategy::Auto,
         None => Strategy::parse(&c.strategy).ok_or_else(|| {
             bad("data.strategy", format!("`{}` is not one of all, assistant, boilerplate, last, auto", c.strategy))
         })?,

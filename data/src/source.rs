@@ -1,0 +1,126 @@
+//! Where rows come from: a JSONL file, one JSON object per line, or a Parquet file, one row per record
+//! (each row turned into the same JSON object its columns spell, so both go through one parser and one
+//! set of rules). Files are told apart by their first bytes (`PAR1`), not their names. Rows are numbered
+//! from 1; for Parquet the number is the row's. It reads; it does not validate.
+
+use crate::error::{DataError, Result};
+use std::io::{BufRead, Read};
+use std::path::Path;
+
+/// What a row number counts in a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    Line,
+    Row,
+}
+
+impl Unit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unit::Line => "line",
+            Unit::Row => "row",
+        }
+    }
+}
+
+/// Rows of a file, each as the bytes of one JSON object (a JSONL line without its line ending).
+pub struct Rows {
+    inner: Inner,
+    pub unit: Unit,
+    /// Bytes of the file, for progress.
+    pub total: u64,
+    number: usize,
+}
+
+enum Inner {
+    Jsonl { reader: std::io::BufReader<std::fs::File>, read: u64 },
+    Parquet { rows: std::vec::IntoIter<serde_json::Value>, count: usize },
+}
+
+/// Whether `path` is a Parquet file (by its magic number).
+pub fn is_parquet(path: &Path) -> Result<bool> {
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path).map_err(DataError::io(path))?;
+    Ok(f.read(&mut magic).map_err(DataError::io(path))? == 4 && &magic == b"PAR1")
+}
+
+impl Rows {
+    pub fn open(path: &Path) -> Result<Rows> {
+        let file = std::fs::File::open(path).map_err(DataError::io(path))?;
+        let total = file.metadata().map_err(DataError::io(path))?.len();
+        if is_parquet(path)? {
+            let rows = parquet_rows(path)?;
+            let count = rows.len();
+            return Ok(Rows {
+                inner: Inner::Parquet { rows: rows.into_iter(), count },
+                unit: Unit::Row,
+                total,
+                number: 0,
+            });
+        }
+        let reader = std::io::BufReader::with_capacity(1 << 20, file);
+        Ok(Rows { inner: Inner::Jsonl { reader, read: 0 }, unit: Unit::Line, total, number: 0 })
+    }
+
+    /// Bytes consumed so far (Parquet: the share of rows read, in bytes of the file).
+    pub fn position(&self) -> u64 {
+        match &self.inner {
+            Inner::Jsonl { read, .. } => *read,
+            Inner::Parquet { rows, count } => {
+                let done = count - rows.len();
+                (self.total as f64 * done as f64 / (*count).max(1) as f64) as u64
+            }
+        }
+    }
+
+    /// The next row: its number and its bytes (`buf` is reused). `None` at the end.
+    pub fn next_into(&mut self, buf: &mut Vec<u8>, path: &Path) -> Result<Option<usize>> {
+        buf.clear();
+        match &mut self.inner {
+            Inner::Jsonl { reader, read } => {
+                let n = reader.read_until(b'\n', buf).map_err(DataError::io(path))?;
+                if n == 0 {
+                    return Ok(None);
+                }
+                *read += n as u64;
+                if buf.last() == Some(&b'\n') {
+                    buf.pop();
+                    if buf.last() == Some(&b'\r') {
+                        buf.pop();
+                    }
+                }
+            }
+            Inner::Parquet { rows, .. } => {
+                let Some(v) = rows.next() else { return Ok(None) };
+                serde_json::to_writer(&mut *buf, &v).expect("JSON to memory");
+            }
+        }
+        self.number += 1;
+        Ok(Some(self.number))
+    }
+}
+
+/// Every row of a Parquet file as a JSON object of its columns.
+fn parquet_rows(path: &Path) -> Result<Vec<serde_json::Value>> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let file = std::fs::File::open(path).map_err(DataError::io(path))?;
+    let reader = SerializedFileReader::new(file)
+        .map_err(|e| DataError::at(path, format!("not a readable Parquet file: {e}")))?;
+    let rows = reader.get_row_iter(None).map_err(|e| DataError::at(path, format!("reading rows: {e}")))?;
+    let mut out = vec![];
+    for (i, row) in rows.enumerate() {
+        let row = row.map_err(|e| {
+            DataError::at(
+                path,
+                format!("row {}: {e}; hint: only snappy, lz4 and gzip compression are supported", i + 1),
+            )
+        })?;
+        // A column that is null in this row is as good as absent (pyarrow writes missing keys so).
+        let mut v = row.to_json_value();
+        if let Some(obj) = v.as_object_mut() {
+            obj.retain(|_, x| !x.is_null());
+        }
+        out.push(v);
+    }
+    Ok(out)
+}
