@@ -11,7 +11,8 @@ use ferrotune_data::pack::Overlong;
 use ferrotune_data::prepare::{default_cache_path, prepare_to_file, PrepareOptions};
 use ferrotune_data::preview::{marked, view, Marking};
 use ferrotune_data::record::parse_line;
-use std::io::{BufRead, IsTerminal, Write};
+use ferrotune_data::source::Rows;
+use std::io::{IsTerminal, Write};
 use std::path::Path;
 
 pub fn run(command: Command) -> Result<()> {
@@ -153,20 +154,31 @@ fn preview(a: PreviewArgs) -> Result<()> {
         "auto" => Marking::Brackets,
         other => bail!("--color must be auto, always or never, not `{other}`"),
     };
-    let file = std::fs::File::open(&a.file).with_context(|| format!("opening {}", a.file.display()))?;
+    let mut rows = Rows::open(&a.file)?;
+    let unit = rows.unit.as_str();
     let mut out = std::io::stdout().lock();
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate().skip(a.skip).take(a.rows) {
-        let line = line.with_context(|| format!("reading {}", a.file.display()))?;
-        let record = parse_line(&line, false)
-            .map_err(|e| anyhow::anyhow!("{}: line {}: {e}; hint: run `ferrotune check`", a.file.display(), i + 1))?;
+    let mut buf = Vec::new();
+    let mut shown = 0;
+    while let Some(n) = rows.next_into(&mut buf, &a.file)? {
+        if n <= a.skip {
+            continue;
+        }
+        if shown == a.rows {
+            break;
+        }
+        shown += 1;
+        let line = std::str::from_utf8(&buf).map_err(|_| {
+            anyhow::anyhow!("{}: {unit} {n}: not valid UTF-8; hint: run `ferrotune check`", a.file.display())
+        })?;
+        let record = parse_line(line, false)
+            .map_err(|e| anyhow::anyhow!("{}: {unit} {n}: {e}; hint: run `ferrotune check`", a.file.display()))?;
+        let v = view(&enc, &record, mask).with_context(|| format!("{}: {unit} {n}", a.file.display()))?;
         if a.json {
-            let v = view(&enc, &record, mask)?;
-            let row = serde_json::json!({"line": i + 1, "ids": v.ids, "labels": v.labels, "tokens": v.tokens});
+            let row = serde_json::json!({unit: n, "ids": v.ids, "labels": v.labels, "tokens": v.tokens, "kinds": v.tags.iter().map(|t| t.kind).collect::<Vec<_>>()});
             writeln!(out, "{row}")?;
         } else {
-            let v = view(&enc, &record, mask)?;
-            let n = v.trained.iter().filter(|&&t| t).count();
-            writeln!(out, "── line {} · {} tokens · {} trained ({}) ──", i + 1, v.ids.len(), n, mask.strategy)?;
+            let k = v.trained.iter().filter(|&&t| t).count();
+            writeln!(out, "── {unit} {n} · {} tokens · {k} trained ({}) ──", v.ids.len(), mask.strategy)?;
             writeln!(out, "{}\n", marked(&enc, &record, mask, marking)?)?;
         }
     }

@@ -221,22 +221,22 @@ fn tally_tokens(
     line: usize,
     max_seq_len: usize,
 ) -> std::result::Result<(), (&'static str, String)> {
-    let enc = encoder.encode(record).map_err(|e| ("encode_failed", e.to_string()))?;
     if let Record::Tokens(tokens) = record {
-        let vocab = encoder.tokenizer.inner.get_vocab_size(true) as u32;
+        let vocab = encoder.vocab_size;
         if let Some((k, &id)) = tokens.input_ids.iter().enumerate().find(|(_, &id)| id >= vocab) {
             return Err((
                 "id_out_of_vocab",
-                format!("`input_ids`[{k}] = {id} is outside the tokenizer's vocabulary of {vocab}"),
+                format!("`input_ids`[{k}] = {id} is outside the model's vocabulary of {vocab}"),
             ));
         }
         if let Some((k, &l)) = tokens.labels.iter().flatten().enumerate().find(|(_, &l)| l >= i64::from(vocab)) {
             return Err((
                 "id_out_of_vocab",
-                format!("`labels`[{k}] = {l} is outside the tokenizer's vocabulary of {vocab}"),
+                format!("`labels`[{k}] = {l} is outside the model's vocabulary of {vocab}"),
             ));
         }
     }
+    let enc = encoder.encode(record).map_err(|e| ("encode_failed", e.to_string()))?;
     let n = enc.ids.len();
     *t.lengths.entry(n).or_default() += 1;
     t.sum += n;

@@ -77,13 +77,24 @@ pub struct Encoder {
     bos_id: Option<u32>,
     /// Tokens that end a turn and stop generation: EOS and the template's end-of-turn tokens.
     pub stop_ids: HashSet<u32>,
+    /// Ids a row may hold: the tokenizer's vocabulary, or the model's embedding rows (config.json's
+    /// `vocab_size`) when that is smaller.
+    pub vocab_size: u32,
 }
 
 impl Encoder {
     /// The tokenizer of the model directory `dir` with the chat template `template` (`auto`: the
     /// model's own, if it ships one; see `ChatTemplate::find`).
     pub fn from_model_dir(dir: &std::path::Path, template: &str) -> Result<Self> {
-        Self::new(Tokenizer::from_dir(dir)?, ChatTemplate::find(dir, template)?)
+        let mut enc = Self::new(Tokenizer::from_dir(dir)?, ChatTemplate::find(dir, template)?)?;
+        let config = std::fs::read_to_string(dir.join("config.json")).ok();
+        let model_vocab = config
+            .and_then(|c| serde_json::from_str::<serde_json::Value>(&c).ok())
+            .and_then(|c| c.get("vocab_size").and_then(serde_json::Value::as_u64));
+        if let Some(v) = model_vocab {
+            enc.vocab_size = enc.vocab_size.min(v as u32);
+        }
+        Ok(enc)
     }
 
     pub fn new(tokenizer: Tokenizer, template: Option<ChatTemplate>) -> Result<Self> {
@@ -114,7 +125,9 @@ impl Encoder {
             eos_id,
             bos_id,
             stop_ids: eos_id.into_iter().collect(),
+            vocab_size: 0,
         };
+        enc.vocab_size = enc.tokenizer.inner.get_vocab_size(true) as u32;
         enc.headers = enc.learn_headers();
         Ok(enc)
     }
@@ -159,10 +172,21 @@ impl Encoder {
                 self.encode_plain(&[(prompt.as_str(), Role::User), (completion.as_str(), Role::Assistant)])
             }
             Record::Text(text) => self.encode_plain(&[(text.as_str(), Role::Assistant)]),
-            Record::Tokens(t) => Ok(Encoded {
-                ids: t.input_ids.clone(),
-                tags: vec![Tag::new(Kind::Content, None, None); t.input_ids.len()],
-            }),
+            Record::Tokens(t) => {
+                let labels = t.labels.iter().flatten().filter(|&&l| l >= 0).map(|&l| l as u64);
+                if let Some(id) =
+                    t.input_ids.iter().map(|&i| u64::from(i)).chain(labels).find(|&i| i >= u64::from(self.vocab_size))
+                {
+                    return Err(DataError::at(
+                        &self.tokenizer.path,
+                        format!("token id {id} is outside the model's vocabulary of {}; hint: run `ferrotune check --model`", self.vocab_size),
+                    ));
+                }
+                Ok(Encoded {
+                    ids: t.input_ids.clone(),
+                    tags: vec![Tag::new(Kind::Content, None, None); t.input_ids.len()],
+                })
+            }
         }?;
         if let Some(bos) = self.bos_id {
             let n = enc.ids.iter().filter(|&&id| id == bos).count();
@@ -268,19 +292,17 @@ impl Encoder {
                 }
             }
             // The turn's tail: body text up to the first special token before the next content, which
-            // ends the turn.
+            // ends the turn. When nothing closes it before the next content, the text goes to the next
+            // header.
             let after = |t: &&(u32, (usize, usize))| t.1 .0 >= pos && t.1 .0 < next_content;
             let k = toks.partition_point(|t| t.1 .0 < pos);
-            match toks[k..].iter().take_while(|t| after(t)).find(|t| self.special.contains(&t.0)) {
-                Some(&(_, (s, e))) => {
-                    if s > pos {
-                        regions.push((pos, Tag::new(Kind::Body, role(i), Some(i))));
-                    }
-                    regions.push((s, Tag::new(Kind::EndOfTurn, role(i), Some(i))));
-                    pos = e;
+            if let Some(&(_, (s, e))) = toks[k..].iter().take_while(|t| after(t)).find(|t| self.special.contains(&t.0))
+            {
+                if s > pos {
+                    regions.push((pos, Tag::new(Kind::Body, role(i), Some(i))));
                 }
-                // Nothing closes the turn before the next content: the text goes to the next header.
-                None => {}
+                regions.push((s, Tag::new(Kind::EndOfTurn, role(i), Some(i))));
+                pos = e;
             }
             let next = (i + 1 < n).then_some(i + 1);
             regions.push((pos, Tag::new(Kind::Header, next.map(|j| conv[j].role), next)));

@@ -365,13 +365,34 @@ pub fn json_error(line: &str, e: &serde_json::Error) -> String {
     let msg = e.to_string();
     // serde_json appends " at line L column C"; the line is always 1 here.
     let what = msg.rsplit_once(" at line ").map_or(msg.as_str(), |(w, _)| w);
-    if what.contains("surrogate") {
+    if let Some(col) = lone_surrogate(line) {
         return format!(
-            "invalid JSON at column {}: a lone UTF-16 surrogate escape (\\uD800-\\uDFFF without its pair) cannot be text",
-            e.column()
+            "invalid JSON at column {col}: a lone UTF-16 surrogate escape (\\uD800-\\uDFFF without its pair) is not text; hint: fix the writer, or drop the escape"
         );
     }
     format!("invalid JSON at column {}: {what}", e.column())
+}
+
+/// The column (1-based, in characters) of the first `\\uD800`-`\\uDFFF` escape that is not half of a pair.
+fn lone_surrogate(line: &str) -> Option<usize> {
+    let chars: Vec<char> = line.chars().collect();
+    let hex = |at: usize| -> Option<u32> {
+        (chars.get(at) == Some(&'\\') && chars.get(at + 1) == Some(&'u'))
+            .then(|| u32::from_str_radix(&chars.get(at + 2..at + 6)?.iter().collect::<String>(), 16).ok())?
+    };
+    let mut i = 0;
+    while i < chars.len() {
+        if chars[i] == '\\' {
+            match hex(i) {
+                Some(0xD800..=0xDBFF) if hex(i + 6).is_some_and(|l| (0xDC00..=0xDFFF).contains(&l)) => i += 12,
+                Some(0xD800..=0xDFFF) => return Some(i + 1),
+                _ => i += 2, // an escape of one character (or `\\`): skip both
+            }
+            continue;
+        }
+        i += 1;
+    }
+    None
 }
 
 /// Parses one JSONL line into a record (the errors, joined, as the message; warnings are ignored).

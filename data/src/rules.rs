@@ -148,7 +148,7 @@ fn tool_calls(value: &Value, i: usize, errs: &mut Vec<Violation>) -> Vec<String>
             errs.push(bad("bad_tool_call", "`function` (an object with `name` and `arguments`) is missing".into()));
             continue;
         };
-        if !f.get("name").and_then(Value::as_str).is_some_and(|n| !n.is_empty()) {
+        if f.get("name").and_then(Value::as_str).is_none_or(str::is_empty) {
             errs.push(bad("bad_tool_call", "`function.name` must be a non-empty string".into()));
         }
         match f.get("arguments") {

@@ -1,0 +1,97 @@
+//! The guards `prepare` applies to a whole dataset or row: no trained end-of-turn token anywhere is an
+//! error (the model would never learn to stop) unless end-of-turn training was turned off; two BOS
+//! tokens in one sequence is an error naming the line; pre-tokenized rows refuse strategies that need
+//! turns, and their labels are used as given.
+
+use ferrotune_data::encode::Encoder;
+use ferrotune_data::mask::{MaskOptions, Strategy};
+use ferrotune_data::pack::Overlong;
+use ferrotune_data::prepare::{prepare, PrepareOptions};
+use ferrotune_data::{fixtures, ChatTemplate, Tokenizer};
+use std::path::Path;
+
+fn encoder(tokenizer: &str, template: &str) -> Encoder {
+    let dir = fixtures::ensure(tokenizer);
+    Encoder::new(Tokenizer::from_dir(&dir).unwrap(), Some(ChatTemplate::load(&dir, template).unwrap())).unwrap()
+}
+
+fn opts(strategy: Strategy, train_eot: bool) -> PrepareOptions {
+    PrepareOptions::new(MaskOptions { strategy, train_eot }, 256, Overlong::Truncate)
+}
+
+fn write(dir: &Path, lines: &[String]) -> std::path::PathBuf {
+    let p = dir.join("data.jsonl");
+    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+    p
+}
+
+const CONV: &str =
+    r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]}"#;
+
+#[test]
+fn a_dataset_that_never_trains_end_of_turn_is_refused_unless_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write(tmp.path(), &[CONV.into(), CONV.into()]);
+    // Its {% generation %} blocks hold the content only: <|im_end|> is never trained under `assistant`.
+    let path = tmp.path().join("content_only_generation.jinja");
+    std::fs::write(
+        &path,
+        "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}{%- if message['role'] == 'assistant' %}{% generation %}{{- message['content'] }}{% endgeneration %}{{- '<|im_end|>\\n' }}{%- else %}{{- message['content'] + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}",
+    )
+    .unwrap();
+    let e = encoder("smollm2-135m-instruct", path.to_str().unwrap());
+    let err = prepare(&data, &e, &opts(Strategy::Assistant, true), &|_, _| {}).err().unwrap().to_string();
+    assert!(err.contains("no end-of-turn token (<|im_end|>) is trained anywhere"), "{err}");
+    assert!(err.contains("--no-train-eot"), "{err}");
+    assert!(prepare(&data, &e, &opts(Strategy::Assistant, false), &|_, _| {}).is_ok());
+    // The same data under the model's own template trains <|im_end|>: no complaint.
+    assert!(
+        prepare(&data, &encoder("smollm2-135m-instruct", "auto"), &opts(Strategy::Assistant, true), &|_, _| {}).is_ok()
+    );
+}
+
+#[test]
+fn two_bos_tokens_in_a_sequence_are_an_error_naming_the_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The llama3 template writes <|begin_of_text|>; the content carries another one.
+    let bad = r#"{"messages": [{"role": "user", "content": "<|begin_of_text|>Hi"}, {"role": "assistant", "content": "Hello"}]}"#;
+    let data = write(tmp.path(), &[CONV.into(), bad.into()]);
+    let e = encoder("llama3-tokenizer", "llama3");
+    let err = prepare(&data, &e, &opts(Strategy::Assistant, true), &|_, _| {}).err().unwrap().to_string();
+    assert!(err.contains("line 2: ") && err.contains("2 BOS tokens (<|begin_of_text|>)"), "{err}");
+    // Text rows: the tokenizer adds one, the text another.
+    let data = write(tmp.path(), &[r#"{"text": "<|begin_of_text|>once upon a time"}"#.into()]);
+    let err = prepare(&data, &e, &opts(Strategy::Auto, true), &|_, _| {}).err().unwrap().to_string();
+    assert!(err.contains("line 1: ") && err.contains("2 BOS tokens"), "{err}");
+    // SmolLM2's bos_token (<|im_start|>) opens every turn: it is no sequence opener, so no error.
+    assert!(prepare(
+        &write(tmp.path(), &[CONV.into()]),
+        &encoder("smollm2-135m-instruct", "auto"),
+        &opts(Strategy::Assistant, true),
+        &|_, _| {}
+    )
+    .is_ok());
+}
+
+#[test]
+fn pretokenized_rows_keep_their_labels_and_refuse_turn_strategies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let e = encoder("llama3-tokenizer", "llama3");
+    let eot = e.tokenizer.token_id("<|eot_id|>").unwrap() as i64;
+    // Labels as Hugging Face writes them (unshifted), a custom target at position 2, right padding.
+    let row = format!(
+        r#"{{"input_ids": [10, 11, 12, 13, {eot}, 0, 0], "attention_mask": [1, 1, 1, 1, 1, 0, 0], "labels": [-100, -100, 99, 13, {eot}, -100, -100]}}"#
+    );
+    let data = write(tmp.path(), &[row]);
+    let (header, rows) = prepare(&data, &e, &opts(Strategy::Auto, true), &|_, _| {}).unwrap();
+    assert_eq!(header.stats.tokens, 5, "padding is dropped");
+    let r = &rows[0];
+    // Shifted: position t predicts labels[t + 1].
+    assert_eq!(&r.ids[..5], &[10, 11, 12, 13, eot as u32]);
+    assert_eq!(&r.labels[..5], &[-100, 99, 13, eot as i32, -100]);
+    // `all` trains every position on the ids themselves.
+    let (_, rows) = prepare(&data, &e, &opts(Strategy::All, true), &|_, _| {}).unwrap();
+    assert_eq!(&rows[0].labels[..5], &[11, 12, 13, eot as i32, -100]);
+    let err = prepare(&data, &e, &opts(Strategy::Assistant, true), &|_, _| {}).err().unwrap().to_string();
+    assert!(err.contains("pre-tokenized rows carry their own mask") && err.contains("--strategy auto"), "{err}");
+}
