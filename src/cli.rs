@@ -215,7 +215,8 @@ pub struct MaskArgs {
     /// `weight`s decide when present).
     #[arg(long, default_value = "auto")]
     pub strategy: String,
-    /// Do not train the end-of-turn token after assistant content.
+    /// Do not train the end-of-turn token after assistant content (without it, `prepare` refuses data
+    /// in which no end-of-turn token is ever trained, since the model would never learn to stop).
     #[arg(long)]
     pub no_train_eot: bool,
 }

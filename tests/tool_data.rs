@@ -153,3 +153,31 @@ fn check_exit_status_separates_unreadable_files_from_bad_ones() {
     let out = String::from_utf8_lossy(&ferrotune(&["check", empty.to_str().unwrap()]).stdout).into_owned();
     assert!(out.contains("  the file is empty (no rows) [empty_file]") && !out.contains("line 0"), "{out}");
 }
+
+#[test]
+fn the_readme_conversation_example_passes_check_strict() {
+    let readme = std::fs::read_to_string(fixtures::repo_root().join("README.md")).unwrap();
+    let data = &readme[readme.find("## Data").unwrap()..];
+    let start = data.find("```json\n").unwrap() + 8;
+    let block = &data[start..start + data[start..].find("```").unwrap()];
+    let row: serde_json::Value = serde_json::from_str(block).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("example.jsonl");
+    std::fs::write(&file, format!("{row}\n")).unwrap();
+    let o = ferrotune(&["check", file.to_str().unwrap(), "--strict"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let model = fixtures::ensure("tiny-llama");
+    let o = ferrotune(&[
+        "preview",
+        file.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--template",
+        "llama31",
+        "--color",
+        "never",
+    ]);
+    let shown = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(shown.contains(r#"⟦{"name": "get_weather", "parameters": {"city": "Oslo"}}<|eot_id|>⟧"#), "{shown}");
+    assert!(shown.contains("⟦4 °C and snowing in Oslo.<|eot_id|>⟧"), "{shown}");
+}

@@ -1,6 +1,6 @@
 //! Where rows come from: a JSONL file, one JSON object per line, or a Parquet file, one row per record
 //! (each row turned into the same JSON object its columns spell, so both go through one parser and one
-//! set of rules). Files are told apart by their first bytes (`PAR1`), not their names. Rows are numbered
+//! set of rules; streamed, in constant memory). Files are told apart by their first bytes (`PAR1`), not their names. Rows are numbered
 //! from 1; for Parquet the number is the row's. It reads; it does not validate.
 
 use crate::error::{DataError, Result};
@@ -34,7 +34,7 @@ pub struct Rows {
 
 enum Inner {
     Jsonl { reader: std::io::BufReader<std::fs::File>, read: u64 },
-    Parquet { rows: std::vec::IntoIter<serde_json::Value>, count: usize },
+    Parquet { rows: parquet::record::reader::RowIter<'static>, done: usize, count: usize },
 }
 
 /// Whether `path` is a Parquet file (by its magic number).
@@ -49,14 +49,12 @@ impl Rows {
         let file = std::fs::File::open(path).map_err(DataError::io(path))?;
         let total = file.metadata().map_err(DataError::io(path))?.len();
         if is_parquet(path)? {
-            let rows = parquet_rows(path)?;
-            let count = rows.len();
-            return Ok(Rows {
-                inner: Inner::Parquet { rows: rows.into_iter(), count },
-                unit: Unit::Row,
-                total,
-                number: 0,
-            });
+            use parquet::file::reader::{FileReader, SerializedFileReader};
+            let reader = SerializedFileReader::new(file)
+                .map_err(|e| DataError::at(path, format!("not a readable Parquet file: {e}")))?;
+            let count = reader.metadata().file_metadata().num_rows().max(0) as usize;
+            let rows = parquet::record::reader::RowIter::from_file_into(Box::new(reader));
+            return Ok(Rows { inner: Inner::Parquet { rows, done: 0, count }, unit: Unit::Row, total, number: 0 });
         }
         let reader = std::io::BufReader::with_capacity(1 << 20, file);
         Ok(Rows { inner: Inner::Jsonl { reader, read: 0 }, unit: Unit::Line, total, number: 0 })
@@ -66,10 +64,7 @@ impl Rows {
     pub fn position(&self) -> u64 {
         match &self.inner {
             Inner::Jsonl { read, .. } => *read,
-            Inner::Parquet { rows, count } => {
-                let done = count - rows.len();
-                (self.total as f64 * done as f64 / (*count).max(1) as f64) as u64
-            }
+            Inner::Parquet { done, count, .. } => (self.total as f64 * *done as f64 / (*count).max(1) as f64) as u64,
         }
     }
 
@@ -90,37 +85,24 @@ impl Rows {
                     }
                 }
             }
-            Inner::Parquet { rows, .. } => {
-                let Some(v) = rows.next() else { return Ok(None) };
+            Inner::Parquet { rows, done, .. } => {
+                let Some(row) = rows.next() else { return Ok(None) };
+                let row = row.map_err(|e| {
+                    DataError::at(
+                        path,
+                        format!("row {}: {e}; hint: only snappy, lz4 and gzip compression are supported", *done + 1),
+                    )
+                })?;
+                *done += 1;
+                // A column that is null in this row is as good as absent (pyarrow writes missing keys so).
+                let mut v = row.to_json_value();
+                if let Some(obj) = v.as_object_mut() {
+                    obj.retain(|_, x| !x.is_null());
+                }
                 serde_json::to_writer(&mut *buf, &v).expect("JSON to memory");
             }
         }
         self.number += 1;
         Ok(Some(self.number))
     }
-}
-
-/// Every row of a Parquet file as a JSON object of its columns.
-fn parquet_rows(path: &Path) -> Result<Vec<serde_json::Value>> {
-    use parquet::file::reader::{FileReader, SerializedFileReader};
-    let file = std::fs::File::open(path).map_err(DataError::io(path))?;
-    let reader = SerializedFileReader::new(file)
-        .map_err(|e| DataError::at(path, format!("not a readable Parquet file: {e}")))?;
-    let rows = reader.get_row_iter(None).map_err(|e| DataError::at(path, format!("reading rows: {e}")))?;
-    let mut out = vec![];
-    for (i, row) in rows.enumerate() {
-        let row = row.map_err(|e| {
-            DataError::at(
-                path,
-                format!("row {}: {e}; hint: only snappy, lz4 and gzip compression are supported", i + 1),
-            )
-        })?;
-        // A column that is null in this row is as good as absent (pyarrow writes missing keys so).
-        let mut v = row.to_json_value();
-        if let Some(obj) = v.as_object_mut() {
-            obj.retain(|_, x| !x.is_null());
-        }
-        out.push(v);
-    }
-    Ok(out)
 }
