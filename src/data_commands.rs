@@ -78,14 +78,13 @@ fn count(n: usize, one: &str, many: &str) -> String {
 }
 
 fn check(a: CheckArgs) -> Result<()> {
-    let enc = match &a.model {
-        Some(dir) => Some(encoder(dir, &a.template)?),
-        None => None,
-    };
     let opts = CheckOptions { strict: a.strict, max_problems: a.max_problems };
-    let report = match check_file(&a.file, &opts, enc.as_ref().map(|e| (e, a.max_seq_len))) {
+    let enc = a.model.as_ref().map(|dir| encoder(dir, &a.template)).transpose();
+    let report = enc.and_then(|enc| Ok(check_file(&a.file, &opts, enc.as_ref().map(|e| (e, a.max_seq_len)))?));
+    let report = match report {
         Ok(r) => r,
-        // The file cannot be read at all: a usage/IO error (exit 2), not a file with problems (exit 1).
+        // The file (or the model) cannot be read at all: a usage/IO error (exit 2), not a file with
+        // problems (exit 1).
         Err(e) => {
             if a.json {
                 let j = serde_json::json!({"file": a.file, "ok": false, "error": e.to_string()});

@@ -25,6 +25,12 @@ the model computations on that GPU instead (scripts/gpu-check), inputs moved the
       For each conversation (a list of {role, content}): transformers' apply_chat_template text
       (tokenize=False) and ids (tokenize=True), and `assistant_masks` when the template has
       {% generation %} blocks. TEMPLATE is `own` (the tokenizer's) or a path to a Jinja file.
+      A conversation may also be a row {"messages", "tools"?} as in a JSONL file; one the template
+      refuses gives {"error": ...}.
+  oracle.py masked_loss MODEL_DIR TEMPLATE CONVERSATIONS.jsonl OUT.json
+      The mean token loss over the assistant tokens of every conversation (transformers'
+      `return_assistant_tokens_mask=True` under TEMPLATE, which has {% generation %} blocks), each
+      conversation a forward of its own: {"loss": sum / tokens, "tokens": N}.
 """
 
 import json
@@ -211,6 +217,31 @@ def chat(tokenizer_dir, template, conversations_path, out):
     json.dump(results, open(out, "w"), ensure_ascii=False)
 
 
+def masked_loss(model_dir, template, conversations_path, out):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = load(model_dir)
+    source = open(template).read()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for line in open(conversations_path):
+            if not line.strip():
+                continue
+            enc = tok.apply_chat_template(
+                json.loads(line)["messages"], chat_template=source, tokenize=True, return_dict=True,
+                return_assistant_tokens_mask=True,
+            )
+            ids = torch.tensor([enc["input_ids"]], device=DEVICE)
+            trained = torch.tensor(enc["assistant_masks"][1:], device=DEVICE).bool()
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            total += torch.nn.functional.cross_entropy(logits[trained], ids[0, 1:][trained], reduction="sum").item()
+            n += int(trained.sum())
+    json.dump({"loss": total / n, "tokens": n}, open(out, "w"))
+
+
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
-    {"forward": forward, "generate": generate, "chat": chat, "train_step": train_step, "squad": squad}[cmd](*args)
+    commands = {"forward": forward, "generate": generate, "chat": chat, "train_step": train_step, "squad": squad}
+    commands["masked_loss"] = masked_loss
+    commands[cmd](*args)

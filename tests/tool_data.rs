@@ -139,6 +139,14 @@ fn check_exit_status_separates_unreadable_files_from_bad_ones() {
     assert_eq!(o.status.code(), Some(2));
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(j["error"].as_str().unwrap().contains("nope.jsonl"), "{j}");
+    // So is a model directory that cannot be read.
+    let bad_model = tmp.path().join("no-model");
+    let o = ferrotune(&["check", missing.to_str().unwrap(), "--model", bad_model.to_str().unwrap(), "--json"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .contains("no-model"));
     let bad = tmp.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"text\": 1}\n").unwrap();
     let o = ferrotune(&["check", bad.to_str().unwrap()]);
@@ -180,4 +188,67 @@ fn the_readme_conversation_example_passes_check_strict() {
     let shown = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(shown.contains(r#"⟦{"name": "get_weather", "parameters": {"city": "Oslo"}}<|eot_id|>⟧"#), "{shown}");
     assert!(shown.contains("⟦4 °C and snowing in Oslo.<|eot_id|>⟧"), "{shown}");
+}
+
+#[test]
+fn tool_conversations_in_parquet_read_like_jsonl() {
+    // pyarrow gives every message the keys of all messages (null where absent) and every tool schema
+    // the properties of all tools; arguments all as JSON text (pyarrow needs one type per column), and
+    // in a second file `tools` as a JSON string, as Hugging Face datasets often store it.
+    let tmp = tempfile::tempdir().unwrap();
+    let script = r#"
+import json, sys
+import pyarrow as pa, pyarrow.parquet as pq
+rows = json.load(open(sys.argv[1]))
+rows = [r for r in rows if all(isinstance(m.get("content"), (str, type(None))) for m in r["messages"])]
+for r in rows:
+    r.setdefault("tools", [])
+    for m in r["messages"]:
+        for c in m.get("tool_calls", []):
+            if not isinstance(c["function"]["arguments"], str):
+                c["function"]["arguments"] = json.dumps(c["function"]["arguments"])
+with open(sys.argv[2], "w") as f:
+    for r in rows:
+        f.write(json.dumps(r, ensure_ascii=False) + "\n")
+pq.write_table(pa.Table.from_pylist(rows), sys.argv[3])
+for r in rows:
+    r["tools"] = json.dumps(r["tools"])
+pq.write_table(pa.Table.from_pylist(rows), sys.argv[4])
+"#;
+    let corpus = fixtures::repo_root().join("data/tests/fixtures/tool_conversations.json");
+    let (jsonl, pq, pq_text) = (tmp.path().join("t.jsonl"), tmp.path().join("t.parquet"), tmp.path().join("s.parquet"));
+    let o = Command::new(fixtures::python())
+        .args(["-c", script])
+        .arg(&corpus)
+        .args([&jsonl, &pq, &pq_text])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let model = fixtures::ensure("tiny-llama");
+    let summary = |data: &std::path::Path| -> String {
+        let o = ferrotune(&["check", data.to_str().unwrap(), "--strict"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+        let out = tmp.path().join(format!("{}.ftcache", data.file_name().unwrap().to_string_lossy()));
+        let args = [
+            "prepare",
+            data.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--template",
+            "llama31",
+            "--max-seq-len",
+            "2048",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        let o = ferrotune(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        // "N samples (...) in R rows of L\n  T tokens, K trained (...)": everything but the timing.
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        text.lines().skip(1).map(|l| l.split(", packing").next().unwrap().to_owned()).collect::<Vec<_>>().join("\n")
+    };
+    let want = summary(&jsonl);
+    assert!(want.contains("7 samples"), "{want}");
+    assert_eq!(summary(&pq), want);
+    assert_eq!(summary(&pq_text), want);
 }

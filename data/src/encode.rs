@@ -188,13 +188,23 @@ impl Encoder {
                 })
             }
         }?;
+        // Two BOS tokens where one belongs: doubled at the start (the template or tokenizer writes one
+        // and the text another), or one inside a message's text. Templates that open every turn with
+        // BOS (Llama 2) write it outside the contents, which is fine.
         if let Some(bos) = self.bos_id {
-            let n = enc.ids.iter().filter(|&&id| id == bos).count();
-            if n > 1 {
+            let doubled = enc.ids.len() > 1 && enc.ids[0] == bos && enc.ids[1] == bos;
+            let in_text = enc
+                .ids
+                .iter()
+                .zip(&enc.tags)
+                .skip(1)
+                .any(|(&id, t)| id == bos && t.kind == Kind::Content && !matches!(record, Record::Tokens(_)));
+            if doubled || in_text {
                 let name = self.tokenizer.inner.id_to_token(bos).unwrap_or_default();
+                let n = enc.ids.iter().filter(|&&id| id == bos).count();
                 return Err(DataError::at(
                     &self.tokenizer.path,
-                    format!("the sequence has {n} BOS tokens ({name}): the template writes one and the text (or the tokenizer) adds another; hint: remove {name} from the data, or use a template without bos_token"),
+                    format!("the sequence has {n} BOS tokens ({name}), {}: the template (or the tokenizer) writes one and the text another; hint: remove {name} from the data", if doubled { "two at the start" } else { "one inside a message's text" }),
                 ));
             }
         }
@@ -228,6 +238,24 @@ impl Encoder {
             };
             let generation = r.generation.iter().any(|g| overlaps(g, start, end));
             tags.push(Tag { generation, ..tag });
+        }
+        // A tool call the template does not render (or that we cannot place in its turn) would train an
+        // empty turn: refuse it, naming the message.
+        for (i, m) in conv.iter().enumerate().filter(|(_, m)| m.calls_tools()) {
+            let turn: String = toks
+                .iter()
+                .zip(&tags)
+                .filter(|(_, t)| t.message == Some(i as u16) && t.kind == Kind::Body)
+                .map(|((_, (s, e)), _)| &r.text[*s..*e])
+                .collect();
+            let calls = m.extra.as_ref().map_or(&[][..], |e| e.tool_calls());
+            let names = calls.iter().filter_map(|c| c.pointer("/function/name").and_then(serde_json::Value::as_str));
+            if let Some(name) = names.clone().find(|n| !turn.contains(n)) {
+                return Err(DataError::at(
+                    &template.origin,
+                    format!("messages[{i}] calls `{name}`, but the chat template renders no such call in that assistant turn, so it would train an empty turn; hint: use a tool-aware template (--template llama31, or the model's own if it supports tools)"),
+                ));
+            }
         }
         Ok(Encoded { ids: toks.iter().map(|&(id, _)| id).collect(), tags })
     }

@@ -90,12 +90,17 @@ pub fn trained(record: &Record, enc: &Encoded, opts: MaskOptions, generation_spa
         Record::Messages(m) => m.iter().map(|m| m.weight).collect(),
         _ => vec![],
     };
-    let last_assistant = enc
-        .tags
-        .iter()
-        .rev()
-        .find(|t| t.kind == Kind::Content && t.role == Some(Role::Assistant))
-        .and_then(|t| t.message);
+    // The final assistant message of a conversation (one that only calls tools included); of the
+    // other formats, the last piece with assistant content.
+    let last_assistant = match record {
+        Record::Messages(c) => c.iter().rposition(|m| m.role == Role::Assistant).map(|i| i as u16),
+        _ => enc
+            .tags
+            .iter()
+            .rev()
+            .find(|t| t.kind == Kind::Content && t.role == Some(Role::Assistant))
+            .and_then(|t| t.message),
+    };
     if let Record::Tokens(t) = record {
         return (0..t.input_ids.len())
             .map(|i| i > 0 && (opts.strategy == Strategy::All || t.labels.as_ref().is_none_or(|l| l[i] != -100)))

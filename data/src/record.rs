@@ -297,7 +297,7 @@ pub fn validate(value: &Value, strict: bool) -> (Option<Record>, Vec<Violation>)
     };
     let mut errs = vec![];
     let allowed: &[&str] = match format {
-        Format::Messages => &["messages", "tools"],
+        Format::Messages => &["messages", "tools", "parallel_tool_calls"],
         Format::PromptCompletion => &["prompt", "completion"],
         Format::Text => &["text"],
         Format::Tokens => &["input_ids", "attention_mask", "labels"],
@@ -338,7 +338,12 @@ pub fn validate(value: &Value, strict: bool) -> (Option<Record>, Vec<Violation>)
             let (p, c) = (get("prompt"), get("completion"));
             p.zip(c).map(|(prompt, completion)| Record::PromptCompletion { prompt, completion })
         }
-        Format::Messages => crate::rules::conversation(obj, strict, &mut errs).map(Record::Messages),
+        Format::Messages => {
+            if let Some(p) = obj.get("parallel_tool_calls").filter(|p| !p.is_boolean()) {
+                errs.push(v(None, "not_boolean", format!("`parallel_tool_calls` must be true or false, found {p}")));
+            }
+            crate::rules::conversation(obj, strict, &mut errs).map(Record::Messages)
+        }
         Format::Tokens => crate::rules::tokens(obj, &mut errs).map(Record::Tokens),
     };
     let failed = errs.iter().any(|e| !e.warning);

@@ -40,6 +40,21 @@ pub fn conversation(obj: &Map<String, Value>, strict: bool, errs: &mut Vec<Viola
 /// The top-level `tools`: function schemas `{"type": "function", "function": {"name", "description"?,
 /// "parameters"?}}`.
 fn tools(value: &Value, errs: &mut Vec<Violation>) -> Option<Vec<Value>> {
+    // Hugging Face datasets often store the list as its JSON text.
+    let parsed;
+    let value = match value {
+        Value::String(text) => match serde_json::from_str::<Value>(text) {
+            Ok(v) => {
+                parsed = v;
+                &parsed
+            }
+            Err(e) => {
+                errs.push(v(None, "bad_tools", format!("`tools` is a string but not JSON ({e})")));
+                return None;
+            }
+        },
+        other => other,
+    };
     let Value::Array(list) = value else {
         errs.push(v(
             None,
@@ -272,14 +287,20 @@ fn messages(value: &Value, strict: bool, errs: &mut Vec<Violation>) -> Option<Ve
             }
         }
         if let Some(c) = calls.filter(|_| role == Some(Role::Assistant)) {
+            let mut here = HashSet::new();
             for id in tool_calls(c, i, errs) {
-                if !call_ids.insert(id.clone()) {
-                    errs.push(v(
-                        Some(i),
-                        "duplicate_call_id",
-                        format!("tool call id `{id}` is used twice in this conversation"),
-                    ));
+                if !here.insert(id.clone()) {
+                    let detail = format!("tool call id `{id}` is used twice in this message");
+                    errs.push(v(Some(i), "duplicate_call_id", detail));
                 }
+                call_ids.insert(id);
+            }
+            if c.as_array().is_some_and(Vec::is_empty) && shape != ContentShape::Text {
+                errs.push(v(
+                    Some(i),
+                    "missing_content",
+                    "`tool_calls` is empty and there is no `content`: an empty turn",
+                ));
             }
         }
         if role == Some(Role::Tool) {

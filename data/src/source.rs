@@ -94,15 +94,26 @@ impl Rows {
                     )
                 })?;
                 *done += 1;
-                // A column that is null in this row is as good as absent (pyarrow writes missing keys so).
+                // Parquet cannot tell a missing key from a null: pyarrow gives every struct the keys of
+                // all rows, null where a row has none. Nulls are dropped, at every depth.
                 let mut v = row.to_json_value();
-                if let Some(obj) = v.as_object_mut() {
-                    obj.retain(|_, x| !x.is_null());
-                }
+                drop_nulls(&mut v);
                 serde_json::to_writer(&mut *buf, &v).expect("JSON to memory");
             }
         }
         self.number += 1;
         Ok(Some(self.number))
+    }
+}
+
+/// Removes every null-valued key of every object in `v`.
+fn drop_nulls(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(o) => {
+            o.retain(|_, x| !x.is_null());
+            o.values_mut().for_each(drop_nulls);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(drop_nulls),
+        _ => {}
     }
 }

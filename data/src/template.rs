@@ -115,10 +115,18 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         minijinja_contrib::add_to_environment(&mut env);
         env.add_filter("tojson", tojson);
+        env.add_filter("trim", py_trim);
         env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, JinjaError> {
             Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_function("strftime_now", strftime_now);
+        // `{{ x }}` prints Python's str(x) in transformers' Jinja2: None, True, False.
+        env.set_formatter(|out, state, value| match value.kind() {
+            minijinja::value::ValueKind::None => out.write_str("None").map_err(JinjaError::from),
+            minijinja::value::ValueKind::Bool if value.is_true() => out.write_str("True").map_err(JinjaError::from),
+            minijinja::value::ValueKind::Bool => out.write_str("False").map_err(JinjaError::from),
+            _ => minijinja::escape_formatter(out, state, value),
+        });
         let (rewritten, has_generation) = rewrite_generation(&source);
         env.add_template_owned("chat", rewritten)
             .map_err(|e| DataError::at(&origin, format!("chat template does not compile: {e}")))?;
@@ -135,10 +143,18 @@ impl ChatTemplate {
     /// Renders a conversation for training and locates every content and generation span.
     pub fn render_spans(&self, conv: &Conversation) -> Result<Rendered> {
         let messages = &conv.messages;
-        if let Some(i) = messages.iter().position(|m| m.content.contains([GEN_START, GEN_END])) {
+        // Every string the template sees, not only contents: reasoning, arguments, names, tools.
+        let reserved = |s: &str| s.contains([GEN_START, GEN_END]);
+        let in_extra = |m: &ChatMessage| {
+            m.extra.as_ref().is_some_and(|e| any_string(&serde_json::Value::Object(e.object.clone()), &reserved))
+        };
+        let bad = messages.iter().position(|m| reserved(&m.content) || in_extra(m)).map(|i| format!("messages[{i}]"));
+        let bad =
+            bad.or_else(|| conv.tools.iter().flatten().any(|t| any_string(t, &reserved)).then(|| "tools".to_owned()));
+        if let Some(what) = bad {
             return Err(DataError::at(
                 &self.origin,
-                format!("messages[{i}] contains the Unicode noncharacters U+10FFFE/U+10FFFF, which ferrotune reserves"),
+                format!("{what} contains the Unicode noncharacters U+10FFFE/U+10FFFF, which ferrotune reserves"),
             ));
         }
         if messages.len() > MAX_MESSAGES {
@@ -151,7 +167,7 @@ impl ChatTemplate {
         let tools = conv.tools.as_deref();
         let (text, generation) = strip_generation(&self.render_raw(&real, tools, false)?);
         // Messages with text get a sentinel; the others (tool calls only, empty text) render as they are.
-        let probed: Vec<bool> = messages.iter().map(|m| !m.content.is_empty()).collect();
+        let probed: Vec<bool> = messages.iter().map(|m| !m.content.trim().is_empty()).collect();
         let probe: Vec<serde_json::Value> = messages
             .iter()
             .enumerate()
@@ -184,6 +200,29 @@ impl ChatTemplate {
             eos_token => &self.eos_token,
         };
         tmpl.render(ctx).map_err(|e| DataError::at(&self.origin, format!("rendering the chat template failed: {e:#}")))
+    }
+}
+
+/// Jinja2's `trim(value, chars=None)`: Python's `str(value).strip(chars)` (so `none | trim` is "None").
+fn py_trim(value: Value, chars: Option<String>) -> String {
+    let text = match value.kind() {
+        minijinja::value::ValueKind::None => "None".to_owned(),
+        minijinja::value::ValueKind::Bool => (if value.is_true() { "True" } else { "False" }).to_owned(),
+        _ => value.as_str().map_or_else(|| value.to_string(), str::to_owned),
+    };
+    match chars {
+        Some(c) => text.trim_matches(|ch| c.contains(ch)).to_owned(),
+        None => text.trim().to_owned(),
+    }
+}
+
+/// Whether any string in `v` (keys included) satisfies `pred`.
+fn any_string(v: &serde_json::Value, pred: &dyn Fn(&str) -> bool) -> bool {
+    match v {
+        serde_json::Value::String(s) => pred(s),
+        serde_json::Value::Array(a) => a.iter().any(|x| any_string(x, pred)),
+        serde_json::Value::Object(o) => o.iter().any(|(k, x)| pred(k) || any_string(x, pred)),
+        _ => false,
     }
 }
 

@@ -95,3 +95,23 @@ fn pretokenized_rows_keep_their_labels_and_refuse_turn_strategies() {
     let err = prepare(&data, &e, &opts(Strategy::Assistant, true), &|_, _| {}).err().unwrap().to_string();
     assert!(err.contains("pre-tokenized rows carry their own mask") && err.contains("--strategy auto"), "{err}");
 }
+
+#[test]
+fn a_template_that_does_not_render_tool_calls_is_refused_naming_the_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let call = r#"{"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [{"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}, {"role": "tool", "tool_call_id": "a", "content": "4"}, {"role": "assistant", "content": "4 degrees."}]}"#;
+    let data = write(tmp.path(), &[CONV.into(), call.into()]);
+    // ChatML knows nothing of tool calls: the call's turn would be empty.
+    let err = prepare(&data, &encoder("smollm2-135m-instruct", "chatml"), &opts(Strategy::Assistant, true), &|_, _| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("line 2: ")
+            && err.contains("messages[1] calls `get_weather`, but the chat template renders no such call"),
+        "{err}"
+    );
+    assert!(
+        prepare(&data, &encoder("llama3-tokenizer", "llama31"), &opts(Strategy::Assistant, true), &|_, _| {}).is_ok()
+    );
+}

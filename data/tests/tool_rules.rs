@@ -88,10 +88,18 @@ fn each_tool_rule_is_reported_on_its_line_and_message() {
         "`b`",
     );
     expect(
-        &conv(&[USER, &calls(&["a"]), &result("a"), &calls(&["a"]), &result("a"), ANSWER]),
+        &conv(&[USER, &calls(&["a", "b", "a"]), &result("a"), &result("b"), ANSWER]),
         "duplicate_call_id",
-        Some(3),
-        "`a` is used twice",
+        Some(1),
+        "`a` is used twice in this message",
+    );
+    // Ids restarting each turn are fine (each result answers the latest call of that id).
+    assert!(run(&[&conv(&[USER, &calls(&["a"]), &result("a"), &calls(&["a"]), &result("a"), ANSWER])], false).ok);
+    expect(
+        &conv(&[USER, r#"{"role": "assistant", "content": null, "tool_calls": []}"#]),
+        "missing_content",
+        Some(1),
+        "an empty turn",
     );
     let bad_args = r#"{"role": "assistant", "content": "", "tool_calls": [{"id": "a", "type": "function", "function": {"name": "search", "arguments": "{}"}}, {"id": "b", "type": "function", "function": {"name": "search", "arguments": "{\"q\": "}}]}"#;
     expect(

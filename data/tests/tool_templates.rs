@@ -176,4 +176,14 @@ fn each_strategy_treats_tool_turns_as_documented() {
     assert_eq!(trained_text(Strategy::Boilerplate), format!("What's the weather in Paris?{call_turn}{answer}"));
     let all = trained_text(Strategy::All);
     assert!(all.contains(&result) && all.contains("Given the following functions"));
+    // `last` of a conversation that ends on a call (conversation 3) trains that call.
+    let conv = corpus().remove(3);
+    let record = Record::Messages(conv);
+    let e = enc.encode(&record).unwrap();
+    let f = trained(&record, &e, MaskOptions { strategy: Strategy::Last, train_eot: true }, false);
+    let ids: Vec<u32> = (0..e.ids.len()).filter(|&t| f[t]).map(|t| e.ids[t]).collect();
+    assert_eq!(
+        enc.tokenizer.decode_raw(&ids).unwrap(),
+        r#"{"name": "search", "parameters": {"query": "rust tokenizers"}}<|eot_id|>"#
+    );
 }

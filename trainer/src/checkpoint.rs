@@ -27,6 +27,9 @@ pub struct TrainState {
     /// Ranks of the run that wrote it: `loader.cursor` counts one rank's rows.
     #[serde(default = "one")]
     pub world: usize,
+    /// Early stopping's count, carried across resumes.
+    #[serde(default)]
+    pub early: crate::evaluation::EarlyStop,
 }
 
 fn one() -> usize {

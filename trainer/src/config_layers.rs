@@ -222,6 +222,25 @@ pub fn check_ranges(c: &RunConfig) -> Result<()> {
     if c.lora.enabled && c.lora.r <= 0 {
         return bad("lora.r", format!("{} must be positive", c.lora.r));
     }
+    let e = &c.eval;
+    if !(e.early_stopping_min_delta >= 0.0 && e.early_stopping_min_delta.is_finite()) {
+        return bad("eval.early_stopping_min_delta", format!("{} must be 0 or positive", e.early_stopping_min_delta));
+    }
+    if !crate::evaluation::METRICS.contains(&e.early_stopping_metric.as_str()) {
+        let msg = format!("`{}` is not one of {}", e.early_stopping_metric, crate::evaluation::METRICS.join(", "));
+        return bad("eval.early_stopping_metric", msg);
+    }
+    if e.early_stopping_patience > 0 {
+        if e.n_evals == 0 || c.data.validation.as_os_str().is_empty() {
+            return bad(
+                "eval.early_stopping_patience",
+                "early stopping needs evaluations: set data.validation and eval.n_evals".into(),
+            );
+        }
+        if matches!(e.early_stopping_metric.as_str(), "em" | "f1") && !e.coqa {
+            return bad("eval.early_stopping_metric", format!("`{}` needs eval.coqa = true", e.early_stopping_metric));
+        }
+    }
     Ok(())
 }
 

@@ -9,6 +9,7 @@ pub mod config_layers;
 pub mod dist;
 pub mod error;
 pub mod eval;
+pub mod evaluation;
 pub mod generate;
 pub mod hardware;
 pub mod layerwise;

@@ -129,6 +129,13 @@ pub struct EvalSection {
     pub max_new_tokens: usize,
     /// Questions answered per generation batch.
     pub batch_size: usize,
+    /// Stop the run (final checkpoint and export) after this many evaluations in a row without an
+    /// improvement of `early_stopping_metric` (0: never).
+    pub early_stopping_patience: usize,
+    /// The smallest change that counts as an improvement.
+    pub early_stopping_min_delta: f64,
+    /// What early stopping watches: response_loss, loss (the strategy's own), em or f1.
+    pub early_stopping_metric: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -200,7 +207,15 @@ impl Default for LoraSection {
 }
 impl Default for EvalSection {
     fn default() -> Self {
-        EvalSection { n_evals: 0, coqa: false, max_new_tokens: 32, batch_size: 16 }
+        EvalSection {
+            n_evals: 0,
+            coqa: false,
+            max_new_tokens: 32,
+            batch_size: 16,
+            early_stopping_patience: 0,
+            early_stopping_min_delta: 0.0,
+            early_stopping_metric: "response_loss".into(),
+        }
     }
 }
 impl Default for OutputSection {

@@ -3,7 +3,7 @@
 //! by that count (the last micro-batch's gradients summed over ranks while its backward runs, or,
 //! sharded, reduce-scattered into each rank's slice), clip, step, (sharded) gather the updated weights,
 //! schedule, log, evaluate, checkpoint. With one rank the collectives are identities
-//! (`dist::Single`). Rank 0 alone logs metrics and evaluates; every rank writes its optimizer slice
+//! (`dist::Single`). Every rank evaluates its share (`evaluation`); rank 0 alone logs metrics; every rank writes its optimizer slice
 //! into a sharded checkpoint, rank 0 everything else. `train` reads top to bottom
 //! as a list of phases; the pieces they call (model, layer-wise step, optimizer, schedule, data loader,
 //! collectives, checkpoint) know nothing of each other.
@@ -13,6 +13,8 @@ use crate::checkpoint::{self, TrainState};
 use crate::dist::buckets::{GradBuckets, Shard};
 use crate::dist::{self, Collective};
 use crate::error::{Error, Result};
+use crate::eval;
+use crate::evaluation::{self, EarlyStop, Validation};
 use crate::layerwise::{self, StepOptions};
 use crate::learner::Trainer;
 use crate::metrics::{Logger, PeakMemory};
@@ -23,6 +25,7 @@ use crate::{memory, parse_kind};
 use ferrotune_data::cache::TokenCache;
 use ferrotune_data::encode::Encoder;
 use ferrotune_data::loader::Loader;
+use ferrotune_data::mask::MaskOptions;
 use ferrotune_data::prepare::{open_or_prepare, PrepareOptions};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -92,10 +95,11 @@ fn cache_for(
     out: &Path,
     enc: &Encoder,
     cfg: &RunConfig,
+    mask: Option<MaskOptions>,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<TokenCache> {
-    let (mask, overlong) = plan::data_options(&cfg.data)?;
-    let opts = PrepareOptions::new(mask, cfg.data.max_seq_len, overlong);
+    let (own, overlong) = plan::data_options(&cfg.data)?;
+    let opts = PrepareOptions::new(mask.unwrap_or(own), cfg.data.max_seq_len, overlong);
     open_or_prepare(data, enc, &opts, out, progress).map_err(|e| Error::Invalid(e.to_string()))
 }
 
@@ -118,27 +122,54 @@ pub fn train(cfg: RunConfig, opts: RunOptions, coll: &mut dyn Collective, logger
     let run_dir = cfg.output.dir.join(&cfg.output.run_name);
     let existing = check_start(&run_dir, opts.resume)?;
     let enc = encoder_for(&cfg)?;
-    let (train_cache, val_cache) = open_caches(&cfg, &run_dir, &enc, &opts, coll)?;
+    let (train_cache, val_caches) = open_caches(&cfg, &run_dir, &enc, &opts, coll)?;
     // A data file none of whose conversations made a row is refused before the model loads, saying why.
-    for (key, cache) in [("data.train", Some(&train_cache)), ("data.validation", val_cache.as_ref())] {
+    let val_own = val_caches.as_ref().map(|v| &v.0);
+    for (key, cache) in [("data.train", Some(&train_cache)), ("data.validation", val_own)] {
         if let Some(c) = cache.filter(|c| c.rows() == 0) {
             return Err(Error::Config { path: PathBuf::new(), key: key.into(), msg: c.why_empty() });
         }
     }
-    let mut run = set_up(cfg, run_dir, &train_cache, val_cache, existing, &opts, coll, logger)?;
-    while run.step < run.plan.total_steps {
+    let val = match val_caches {
+        Some((own, response)) => {
+            let qa = if cfg.eval.coqa {
+                let convs = ferrotune_data::coqa::read_conversations(&cfg.data.validation)
+                    .map_err(|e| Error::Invalid(e.to_string()))?;
+                eval::qa_jobs(&enc, &convs).map_err(Error::Invalid)?
+            } else {
+                vec![]
+            };
+            Some(Validation { own, response, qa })
+        }
+        None => None,
+    };
+    let mut run = set_up(cfg, run_dir, &train_cache, val, existing, &opts, coll, logger)?;
+    if run.step == 0 {
+        // The base model, before any update: the first row of a sweep's report.
+        if run.lead {
+            if let Some((tokens, response)) = data_counts(&run.cfg, &enc) {
+                let v = [("data/tokens", tokens as f64), ("data/response_tokens", response as f64)];
+                logger.scalars(0, &v);
+            }
+        }
+        evaluate(&mut run, &enc, coll, logger)?;
+    }
+    while run.step < run.plan.total_steps && run.early.stopped_at.is_none() {
         let done = one_step(&mut run, coll)?;
         log_step(&mut run, &done, coll, logger)?;
         // Evaluations and checkpoints are not training: the throughput window skips their time.
         let pause = Instant::now();
-        evaluate(&mut run, &enc, logger)?;
+        let stop_early = evaluate(&mut run, &enc, coll, logger)?;
         let stopping = opts.stop_after.is_some_and(|n| run.step - run.started_at >= n);
-        checkpoint_if_due(&run, stopping, coll)?;
+        checkpoint_if_due(&run, stopping || stop_early, coll)?;
         run.window.since += pause.elapsed();
         logger.flush();
-        if stopping && run.step < run.plan.total_steps {
+        if stopping && !stop_early && run.step < run.plan.total_steps {
             return Ok(run.outcome(None));
         }
+    }
+    if let Some(at) = run.early.stopped_at.filter(|_| run.lead) {
+        tracing::info!("stopped early at step {at} of {}", run.plan.total_steps);
     }
     finish(run, logger)
 }
@@ -154,7 +185,9 @@ struct Run<'a> {
     device: Device,
     trainer: Trainer,
     loader: Loader<'a>,
-    val_cache: Option<TokenCache>,
+    val: Option<Validation>,
+    /// Early stopping's count (restored on resume).
+    early: EarlyStop,
     step: u64,
     last_loss: f64,
     started_at: u64,
@@ -167,6 +200,7 @@ struct Run<'a> {
     predicted: Option<f64>,
     window: Window,
     final_val: Option<f64>,
+    final_response: Option<f64>,
     final_qa: Option<(f64, f64)>,
 }
 
@@ -219,25 +253,35 @@ fn check_start(run_dir: &Path, resume: bool) -> Result<Option<(u64, PathBuf)>> {
     Ok(existing)
 }
 
-/// Token caches of the training and validation files, built by rank 0 on the first run (the others
-/// wait, then open them).
+/// The validation file's caches: under the run's mask, and under the response mask (when different).
+type ValCaches = (TokenCache, Option<TokenCache>);
+
+/// Token caches of the training and validation files (the validation file twice: under the run's
+/// mask, and under the response mask unless that is the run's), built by rank 0 on the first run (the
+/// others wait, then open them).
 fn open_caches(
     cfg: &RunConfig,
     run_dir: &Path,
     enc: &Encoder,
     opts: &RunOptions,
     coll: &mut dyn Collective,
-) -> Result<(TokenCache, Option<TokenCache>)> {
+) -> Result<(TokenCache, Option<ValCaches>)> {
     let has_val = !cfg.data.validation.as_os_str().is_empty();
-    let caches = || -> Result<(TokenCache, Option<TokenCache>)> {
-        let train = cache_for(&cfg.data.train, &run_dir.join("cache/train.ftcache"), enc, cfg, &*opts.progress)?;
-        let val = if has_val {
-            let out = run_dir.join("cache/validation.ftcache");
-            Some(cache_for(&cfg.data.validation, &out, enc, cfg, &*opts.progress)?)
-        } else {
+    let (own, _) = plan::data_options(&cfg.data)?;
+    let caches = || -> Result<(TokenCache, Option<ValCaches>)> {
+        let p = &*opts.progress;
+        let train = cache_for(&cfg.data.train, &run_dir.join("cache/train.ftcache"), enc, cfg, None, p)?;
+        if !has_val {
+            return Ok((train, None));
+        }
+        let val = cache_for(&cfg.data.validation, &run_dir.join("cache/validation.ftcache"), enc, cfg, None, p)?;
+        let resp = if own == eval::response_mask() {
             None
+        } else {
+            let out = run_dir.join("cache/validation.response.ftcache");
+            Some(cache_for(&cfg.data.validation, &out, enc, cfg, Some(eval::response_mask()), p)?)
         };
-        Ok((train, val))
+        Ok((train, Some((val, resp))))
     };
     let built = if coll.rank() == 0 { Some(caches()) } else { None };
     coll.barrier()?;
@@ -247,13 +291,27 @@ fn open_caches(
     }
 }
 
+/// The training data's tokens and response tokens (under the response mask, packed as the run packs),
+/// for the instruction/response ratio of sweep reports; `None` where the data has no responses.
+fn data_counts(cfg: &RunConfig, enc: &Encoder) -> Option<(usize, usize)> {
+    let (_, overlong) = plan::data_options(&cfg.data).ok()?;
+    let opts = PrepareOptions::new(eval::response_mask(), cfg.data.max_seq_len, overlong);
+    match ferrotune_data::prepare::prepare(&cfg.data.train, enc, &opts, &|_, _| {}) {
+        Ok((h, _)) => Some((h.stats.tokens, h.stats.trained_tokens)),
+        Err(e) => {
+            tracing::debug!("no response-token count of the training data: {e}");
+            None
+        }
+    }
+}
+
 /// Plan (printed and saved), model and optimizer, loader, and the state of the checkpoint resumed from.
 #[allow(clippy::too_many_arguments)]
 fn set_up<'a>(
     cfg: RunConfig,
     run_dir: PathBuf,
     train_cache: &'a TokenCache,
-    val_cache: Option<TokenCache>,
+    val: Option<Validation>,
     existing: Option<(u64, PathBuf)>,
     opts: &RunOptions,
     coll: &mut dyn Collective,
@@ -266,7 +324,7 @@ fn set_up<'a>(
     // fresh start in a run directory left by a crash before the first checkpoint) is dropped.
     logger.starts_after(existing.as_ref().map_or(0, |(s, _)| *s));
     logger.text("config", &format!("```toml\n{}```", cfg.to_toml()));
-    let (trainer, loader, step, last_loss) = load_and_resume(&cfg, &plan, train_cache, existing, opts, coll)?;
+    let (trainer, loader, step, last_loss, early) = load_and_resume(&cfg, &plan, train_cache, existing, opts, coll)?;
     let (kind, device) = (trainer.model.kind(), trainer.model.device());
     let t = &cfg.train;
     let peak = if t.peak_flops > 0.0 {
@@ -296,7 +354,8 @@ fn set_up<'a>(
         device,
         trainer,
         loader,
-        val_cache,
+        val,
+        early,
         step,
         last_loss,
         started_at: step,
@@ -307,6 +366,7 @@ fn set_up<'a>(
         predicted,
         window: Window::new(),
         final_val: None,
+        final_response: None,
         final_qa: None,
         cfg,
     })
@@ -363,7 +423,7 @@ fn load_and_resume<'a>(
     existing: Option<(u64, PathBuf)>,
     opts: &RunOptions,
     coll: &mut dyn Collective,
-) -> Result<(Trainer, Loader<'a>, u64, f64)> {
+) -> Result<(Trainer, Loader<'a>, u64, f64, EarlyStop)> {
     let t = &cfg.train;
     let (kind, device) = (parse_kind(&cfg.model.dtype)?, usable_device(&cfg.model.device)?);
     let adamw = AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay };
@@ -376,7 +436,7 @@ fn load_and_resume<'a>(
     drop(everything);
     let mut loader = Loader::new(train_cache, coll.rank(), coll.world(), t.seed, t.micro_batch_size)
         .map_err(|e| Error::Invalid(e.to_string()))?;
-    let (mut step, mut last_loss) = (0u64, f64::NAN);
+    let (mut step, mut last_loss, mut early) = (0u64, f64::NAN, EarlyStop::default());
     if let Some((s, dir)) = existing.filter(|_| opts.resume) {
         checkpoint::load_named(&dir.join("trainable.safetensors"), &trainer.trainable)?;
         trainer.opt.load(&dir)?;
@@ -387,9 +447,10 @@ fn load_and_resume<'a>(
         })?;
         step = s;
         last_loss = state.last_loss;
+        early = state.early;
         tracing::info!("resumed from {} (step {s}, loss {last_loss:.4})", dir.display());
     }
-    Ok((trainer, loader, step, last_loss))
+    Ok((trainer, loader, step, last_loss, early))
 }
 
 /// Logs (rank 0) how the work is split over the ranks: the gradient buckets, and the optimizer state's
@@ -565,32 +626,48 @@ fn log_step(run: &mut Run, s: &StepDone, coll: &mut dyn Collective, logger: &mut
     Ok(())
 }
 
-/// At the planned steps (rank 0): validation loss, and CoQA EM/F1 when asked for.
-fn evaluate(run: &mut Run, enc: &Encoder, logger: &mut dyn Logger) -> Result<()> {
+/// At step 0 (the base model), at the planned steps, and at the end when CoQA is scored (every rank,
+/// each on its share): the validation loss under the run's mask, the response loss, CoQA EM/F1. Rank 0
+/// logs them. Returns whether early stopping ends the run here.
+fn evaluate(run: &mut Run, enc: &Encoder, coll: &mut dyn Collective, logger: &mut dyn Logger) -> Result<bool> {
     let (step, cfg) = (run.step, &run.cfg);
-    let due = run.plan.eval_steps.contains(&step) || (step == run.plan.total_steps && cfg.eval.coqa);
-    let Some(vc) = run.val_cache.as_ref().filter(|_| run.lead && due) else { return Ok(()) };
-    let (v, _) = crate::eval::mean_loss(&run.trainer.model, vc, cfg.train.micro_batch_size)?;
-    logger.scalars(step, &[("eval/loss", v)]);
-    tracing::info!("step {step}: validation loss {v:.4}");
-    run.final_val = Some(v);
-    if cfg.eval.coqa {
-        let convs = ferrotune_data::coqa::read_conversations(&cfg.data.validation)
-            .map_err(|e| Error::Invalid(e.to_string()))?;
-        let s = crate::eval::coqa(
-            &run.trainer.model,
-            enc,
-            &convs,
-            cfg.eval.max_new_tokens,
-            cfg.eval.batch_size,
-            &|_, _| {},
-        )
-        .map_err(Error::Invalid)?;
-        logger.scalars(step, &[("eval/em", s.em), ("eval/f1", s.f1)]);
-        tracing::info!("step {step}: CoQA EM {:.1} F1 {:.1} ({} questions)", s.em, s.f1, s.questions);
-        run.final_qa = Some((s.em, s.f1));
+    let base = step == 0 && (cfg.eval.n_evals > 0 || cfg.eval.coqa);
+    let due = base || run.plan.eval_steps.contains(&step) || (step == run.plan.total_steps && cfg.eval.coqa);
+    let Some(val) = run.val.as_ref().filter(|_| due) else { return Ok(false) };
+    let qa = cfg.eval.coqa.then_some((cfg.eval.max_new_tokens, cfg.eval.batch_size));
+    let s = evaluation::evaluate(&run.trainer.model, enc, val, cfg.train.micro_batch_size, qa, coll)?;
+    logger.scalars(step, &s.scalars());
+    if run.lead {
+        let qa = s.qa.map_or(String::new(), |(em, f1, n)| format!(", CoQA EM {em:.1} F1 {f1:.1} ({n} questions)"));
+        let what = if base { "base model" } else { "validation" };
+        tracing::info!(
+            "step {step}: {what} loss {:.4}, response loss {:.4}{qa} ({:.1}s on {} ranks)",
+            s.loss,
+            s.response_loss,
+            s.seconds,
+            run.world
+        );
     }
-    Ok(())
+    (run.final_val, run.final_response) = (Some(s.loss), Some(s.response_loss));
+    run.final_qa = s.qa.map(|(em, f1, _)| (em, f1));
+    let e = &cfg.eval;
+    let (value, lower) = s.metric(&e.early_stopping_metric).unwrap_or((s.response_loss, true));
+    let stop = run.early.update(value, lower, e.early_stopping_patience, e.early_stopping_min_delta);
+    if stop && step < run.plan.total_steps {
+        run.early.stopped_at = Some(step);
+        logger.scalars(step, &[("train/early_stop", step as f64)]);
+        if run.lead {
+            tracing::info!(
+                "early stopping: {} did not improve by more than {} in {} evaluations (best {:.4})",
+                e.early_stopping_metric,
+                e.early_stopping_min_delta,
+                run.early.bad,
+                run.early.best.unwrap_or(f64::NAN)
+            );
+        }
+        return Ok(true);
+    }
+    Ok(false)
 }
 
 /// At the planned steps and when stopping early (every rank): an atomic checkpoint. Rank 0 writes the
@@ -600,7 +677,13 @@ fn checkpoint_if_due(run: &Run, stopping: bool, coll: &mut dyn Collective) -> Re
     if !(run.plan.checkpoint_steps.contains(&run.step) || stopping) {
         return Ok(());
     }
-    let state = TrainState { step: run.step, loader: run.loader.state(), last_loss: run.last_loss, world: run.world };
+    let state = TrainState {
+        step: run.step,
+        loader: run.loader.state(),
+        last_loss: run.last_loss,
+        world: run.world,
+        early: run.early,
+    };
     let (trainer, lead, sharded) = (&run.trainer, run.lead, run.plan.shard != Shard::None);
     let write = |d: &Path| -> Result<()> {
         if sharded || lead {
@@ -638,6 +721,7 @@ fn finish(run: Run, logger: &mut dyn Logger) -> Result<Outcome> {
     checkpoint::publish_dir(&export_dir, |dir| run.trainer.export(dir, &run.cfg.model.path))?;
     let mut metrics = vec![("hparams/train_loss", run.last_loss)];
     metrics.extend(run.final_val.map(|v| ("hparams/eval_loss", v)));
+    metrics.extend(run.final_response.map(|v| ("hparams/response_loss", v)));
     if let Some((em, f1)) = run.final_qa {
         metrics.extend([("hparams/em", em), ("hparams/f1", f1)]);
     }

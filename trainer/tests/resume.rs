@@ -207,11 +207,13 @@ fn throughput_leaves_out_evaluations() {
     let val = tmp.path().join("validation.jsonl");
     std::fs::write(&val, std::fs::read_to_string(&c.data.train).unwrap().repeat(25)).unwrap();
     c.data.validation = val;
-    c.eval.n_evals = 2; // after steps 10 and 20
+    c.eval.n_evals = 2; // the base model at step 0, then after steps 10 and 20
     let out = run(&c, false, None);
     let metrics = std::fs::read_to_string(out.run_dir.join("metrics.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(lines.iter().filter(|v| v.get("eval/loss").is_some()).count(), 2);
+    let evals: Vec<u64> =
+        lines.iter().filter(|v| v.get("eval/loss").is_some()).map(|v| v["step"].as_u64().unwrap()).collect();
+    assert_eq!(evals, [0, 10, 20]);
     let tps: Vec<f64> = lines.iter().filter_map(|v| v["train/tokens_per_s"].as_f64()).collect();
     let mut sorted = tps.clone();
     sorted.sort_by(f64::total_cmp);
