@@ -334,7 +334,7 @@ fn plot(path: &Path, keys: &[String], rows: &[TrialRow]) -> Result<()> {
     for (i, r) in rows.iter().enumerate() {
         let color = color(i);
         chart
-            .draw_series(LineSeries::new(curve(r), color.stroke_width(2)))
+            .draw_series(LineSeries::new(curve(r), color.stroke_width(2)).point_size(if evaluated { 4 } else { 0 }))
             .map_err(|e| err(&e))?
             .label(r.label(keys))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3)));
@@ -392,4 +392,29 @@ fn plot(path: &Path, keys: &[String], rows: &[TrialRow]) -> Result<()> {
     }
     root.present().map_err(|e| err(&e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(values: &[&str], response: f64, em: f64) -> TrialRow {
+        TrialRow {
+            values: values.iter().map(|s| s.to_string()).collect(),
+            response_loss: Some(response),
+            em: Some(em),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn trials_differing_only_by_seed_are_summarised_with_mean_and_spread() {
+        let keys = vec!["data.strategy".to_string(), "train.seed".to_string()];
+        let rows = [row(&["all", "1"], 1.0, 10.0), row(&["all", "2"], 1.2, 14.0), row(&["last", "1"], 2.0, 20.0)];
+        let md = seed_summary(&keys, &rows);
+        // mean 1.1, sample standard deviation 0.1414; EM 12 ± 2.8; one trial: spread 0.
+        assert!(md.contains("| all | 1.1000 ± 0.1414 (2) | 12.0 ± 2.8 (2) |  |"), "{md}");
+        assert!(md.contains("| last | 2.0000 ± 0.0000 (1) | 20.0 ± 0.0 (1) |  |"), "{md}");
+        assert_eq!(seed_summary(&keys[..1], &rows), "", "no seed key, no summary");
+    }
 }

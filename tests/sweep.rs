@@ -86,15 +86,37 @@ fn the_bundled_cpu_sweep_runs_end_to_end_with_its_report() {
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
     let dir = tmp.path().join("runs/sweeps/coqa-masking");
-    let rows = csv_rows(&dir.join("report.csv"));
+    let mut rows = csv_rows(&dir.join("report.csv"));
+    // First the base model, evaluated before any update: the same response loss every trial starts from.
+    let base = rows.remove(0);
+    assert_eq!(base["trial"], "base model (step 0)");
+    let base_response = base["response_loss"].parse::<f64>().unwrap();
+    assert!(base["em"].parse::<f64>().is_ok() && base["f1"].parse::<f64>().is_ok(), "{base:?}");
     let strategies: Vec<&str> = rows.iter().map(|r| r["data.strategy"].as_str()).collect();
     assert_eq!(strategies, ["all", "assistant", "boilerplate", "last"]);
     for r in &rows {
         assert_eq!(r["status"], "done");
-        for k in ["final_train_loss", "best_val_loss", "em", "f1", "trained_fraction", "tokens_per_s", "wall_s"] {
+        for k in [
+            "response_loss",
+            "Δ_response_loss",
+            "em",
+            "Δ_em",
+            "f1",
+            "Δ_f1",
+            "best_own_val_loss",
+            "final_train_loss",
+            "trained_fraction",
+            "instruction_per_response_token",
+            "tokens_per_s",
+            "wall_s",
+        ] {
             assert!(r[k].parse::<f64>().is_ok(), "{k} missing in {r:?}");
         }
+        let (resp, d) = (r["response_loss"].parse::<f64>().unwrap(), r["Δ_response_loss"].parse::<f64>().unwrap());
+        assert!((resp - base_response - d).abs() < 1e-3, "{r:?}");
     }
+    // The data's instruction/response ratio is the data's, the same for every strategy.
+    assert!(rows.iter().all(|r| r["instruction_per_response_token"] == rows[0]["instruction_per_response_token"]));
     // `all` trains on more of each row than `assistant`, which trains on more than `last`.
     let frac = |i: usize| rows[i]["trained_fraction"].parse::<f64>().unwrap();
     assert!(frac(0) > frac(1) && frac(1) > frac(3), "{rows:?}");

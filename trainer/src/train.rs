@@ -146,7 +146,7 @@ pub fn train(cfg: RunConfig, opts: RunOptions, coll: &mut dyn Collective, logger
     let mut run = set_up(cfg, run_dir, &train_cache, val, existing, &opts, coll, logger)?;
     if run.step == 0 {
         // The base model, before any update: the first row of a sweep's report.
-        if run.lead {
+        if run.lead && run.val.is_some() {
             if let Some((tokens, response)) = data_counts(&run.cfg, &enc) {
                 let v = [("data/tokens", tokens as f64), ("data/response_tokens", response as f64)];
                 logger.scalars(0, &v);
