@@ -120,6 +120,9 @@ fn tool_calling_data_checks_prepares_and_trains_with_train_on_inputs_auto() {
     let mut args = j.train_args("out");
     args.extend(["--set".into(), format!("data.train={data_s}")]);
     ok(common::ferrotune().args(&args).output().unwrap());
+    // The template it trained with is exported beside the adapter.
+    let exported = std::fs::read_to_string(j.run_dir("out").join("adapter/chat_template.jinja")).unwrap();
+    assert_eq!(exported, ferrotune_data::template::LLAMA31);
     let plan = std::fs::read_to_string(j.run_dir("out").join("config.toml")).unwrap();
     assert!(plan.contains("train_on_inputs = \"auto\""), "{plan}");
     // Anything else is named with what is allowed.

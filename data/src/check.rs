@@ -157,6 +157,12 @@ pub fn check_file(path: &Path, opts: &CheckOptions, model: Option<(&Encoder, usi
         let value: serde_json::Value = match serde_json::from_str(text) {
             Ok(v) => v,
             Err(e) => {
+                if line == 1 && rows.unit == Unit::Line {
+                    if let Some(why) = crate::source::whole_document(path) {
+                        push(&mut report, problem("not_jsonl", why));
+                        break;
+                    }
+                }
                 let rule = if text.starts_with('\u{FEFF}') { "byte_order_mark" } else { "invalid_json" };
                 push(&mut report, problem(rule, json_error(text, &e)));
                 continue;

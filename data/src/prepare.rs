@@ -186,7 +186,10 @@ fn encode_chunk(
     let one = |(line, text): &(usize, String)| -> Result<Encoded> {
         let at = |msg: String| DataError::at(data, format!("{unit} {line}: {msg}"));
         let record =
-            parse_line(text, false).map_err(|e| at(format!("{e}; hint: run `ferrotune check {}`", data.display())))?;
+            parse_line(text, false).map_err(|e| match crate::source::whole_document(data).filter(|_| *line == 1) {
+                Some(why) => DataError::at(data, why),
+                None => at(format!("{e}; hint: run `ferrotune check {}`", data.display())),
+            })?;
         let (sample, stops) = encode_sample(encoder, &record, opts.mask).map_err(|e| at(e.to_string()))?;
         let keep = sample.trained() > 0;
         Ok((*line, record.format(), keep.then_some(sample), stops))

@@ -117,3 +117,25 @@ fn drop_nulls(v: &mut serde_json::Value) {
         _ => {}
     }
 }
+
+/// When `path` is one JSON document (pretty-printed, or a list of rows) rather than JSON Lines: what to
+/// say. Checked only after its first line failed to parse, on files up to 256 MiB.
+pub fn whole_document(path: &Path) -> Option<String> {
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.len() > 256 << 20 {
+        return None;
+    }
+    let text = std::fs::read_to_string(path).ok()?;
+    let first = text.trim_start().chars().next()?;
+    if first != '{' && first != '[' {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let what = match &v {
+        serde_json::Value::Array(a) => format!("one JSON list of {} items spread over lines", a.len()),
+        _ => "one pretty-printed JSON object spread over lines".to_owned(),
+    };
+    Some(format!(
+        "the file is {what}, not JSON Lines (one object per line); hint: `ferrotune convert coqa` for CoQA files, or `jq -c '.[]' FILE` (a list) / `jq -c . FILE` (an object) to write one object per line"
+    ))
+}

@@ -201,4 +201,11 @@ fn json_layer_messages_point_at_the_cause() {
         false,
     );
     assert_eq!(r.problems[0].rule, "bad_weight");
+    // A pretty-printed file, or a JSON list: one problem saying so, not one per line.
+    let pretty = serde_json::to_string_pretty(&serde_json::from_str::<serde_json::Value>(GOOD).unwrap()).unwrap();
+    let r = run_bytes(pretty.as_bytes(), false);
+    assert_eq!((r.problems_total, r.problems[0].rule), (1, "not_jsonl"), "{:?}", r.problems);
+    assert!(r.problems[0].detail.contains("one pretty-printed JSON object") && r.problems[0].detail.contains("jq -c"));
+    let r = run_bytes(format!("[\n{GOOD},\n{GOOD}\n]\n").as_bytes(), false);
+    assert!(r.problems[0].detail.contains("one JSON list of 2 items"), "{:?}", r.problems);
 }

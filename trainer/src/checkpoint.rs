@@ -30,6 +30,9 @@ pub struct TrainState {
     /// Early stopping's count, carried across resumes.
     #[serde(default)]
     pub early: crate::evaluation::EarlyStop,
+    /// SHA-256 of the training data file: `--resume` refuses another.
+    #[serde(default)]
+    pub train_data_sha256: Option<String>,
 }
 
 fn one() -> usize {

@@ -12,6 +12,7 @@ pub mod eval;
 pub mod evaluation;
 pub mod generate;
 pub mod hardware;
+pub mod interrupt;
 pub mod layerwise;
 pub mod learner;
 pub mod lora;

@@ -83,6 +83,8 @@ pub struct Outcome {
     pub final_val_loss: Option<f64>,
     /// Where the adapter or model was exported (None when stopped early).
     pub export_dir: Option<PathBuf>,
+    /// Stopped by Ctrl-C (SIGINT) after a checkpoint.
+    pub interrupted: bool,
 }
 
 /// Encoder (tokenizer + template) for the model of a run config.
@@ -120,7 +122,22 @@ fn step_flops(m: &Llama, tokens: usize, trained: usize, lora: bool) -> f64 {
 /// set-up (and resume), then per step: one step, logging, evaluation, checkpoint; then the export.
 pub fn train(cfg: RunConfig, opts: RunOptions, coll: &mut dyn Collective, logger: &mut dyn Logger) -> Result<Outcome> {
     let run_dir = cfg.output.dir.join(&cfg.output.run_name);
+    if cfg.model.path.as_os_str().is_empty() || !cfg.model.path.is_dir() {
+        let what = if cfg.model.path.as_os_str().is_empty() {
+            "is not set".to_owned()
+        } else {
+            format!("`{}` is not a directory", cfg.model.path.display())
+        };
+        return Err(Error::Config {
+            path: PathBuf::new(),
+            key: "model.path".into(),
+            msg: format!("{what}; hint: --set model.path=DIR, a Hugging Face model directory (config.json, safetensors, tokenizer)"),
+        });
+    }
     let existing = check_start(&run_dir, opts.resume)?;
+    if let Some((_, dir)) = existing.as_ref().filter(|_| opts.resume) {
+        check_resume(&cfg, dir)?;
+    }
     let enc = encoder_for(&cfg)?;
     let (train_cache, val_caches) = open_caches(&cfg, &run_dir, &enc, &opts, coll)?;
     // A data file none of whose conversations made a row is refused before the model loads, saying why.
@@ -160,7 +177,7 @@ pub fn train(cfg: RunConfig, opts: RunOptions, coll: &mut dyn Collective, logger
         // Evaluations and checkpoints are not training: the throughput window skips their time.
         let pause = Instant::now();
         let stop_early = evaluate(&mut run, &enc, coll, logger)?;
-        let stopping = opts.stop_after.is_some_and(|n| run.step - run.started_at >= n);
+        let stopping = opts.stop_after.is_some_and(|n| run.step - run.started_at >= n) || run.interrupted;
         checkpoint_if_due(&run, stopping || stop_early, coll)?;
         run.window.since += pause.elapsed();
         logger.flush();
@@ -171,7 +188,7 @@ pub fn train(cfg: RunConfig, opts: RunOptions, coll: &mut dyn Collective, logger
     if let Some(at) = run.early.stopped_at.filter(|_| run.lead) {
         tracing::info!("stopped early at step {at} of {}", run.plan.total_steps);
     }
-    finish(run, logger)
+    finish(run, &enc, logger)
 }
 
 /// What a run carries from step to step.
@@ -188,6 +205,10 @@ struct Run<'a> {
     val: Option<Validation>,
     /// Early stopping's count (restored on resume).
     early: EarlyStop,
+    /// Some rank was asked to stop (Ctrl-C), as of the last step's all-reduce.
+    interrupted: bool,
+    /// SHA-256 of the training data file (from its cache), saved in checkpoints.
+    loader_source_sha: String,
     step: u64,
     last_loss: f64,
     started_at: u64,
@@ -230,8 +251,82 @@ struct StepDone {
 impl Run<'_> {
     fn outcome(self, export_dir: Option<PathBuf>) -> Outcome {
         let final_val_loss = if self.lead { self.final_val } else { None };
-        Outcome { run_dir: self.run_dir, steps: self.step, final_loss: self.last_loss, final_val_loss, export_dir }
+        let interrupted = self.interrupted;
+        Outcome {
+            run_dir: self.run_dir,
+            steps: self.step,
+            final_loss: self.last_loss,
+            final_val_loss,
+            export_dir,
+            interrupted,
+        }
     }
+}
+
+/// Config keys a resume may change: they do not change what is trained (evaluation, logging, where
+/// it runs). Any other difference from the checkpoint's config is refused.
+const RESUMABLE: [&str; 8] = [
+    "eval.",
+    "train.log_every",
+    "train.peak_flops",
+    "model.device",
+    "data.validation",
+    "data.train",
+    "output.",
+    "train.n_checkpoints",
+];
+
+/// Before `--resume` writes anything: the config must be the checkpoint's (but for `RESUMABLE` keys)
+/// and the training data the file it was trained on (its SHA-256, saved in the checkpoint).
+fn check_resume(cfg: &RunConfig, dir: &Path) -> Result<()> {
+    let path = dir.join("config.toml");
+    let old: toml::Table = std::fs::read_to_string(&path)
+        .map_err(Error::io(&path))
+        .and_then(|t| toml::from_str(&t).map_err(|e| Error::Checkpoint { path: path.clone(), msg: e.to_string() }))?;
+    let new: toml::Table = toml::from_str(&cfg.to_toml()).expect("configs serialize");
+    let flat = |t: &toml::Table| -> Vec<(String, String)> {
+        t.iter()
+            .flat_map(|(s, keys)| {
+                keys.as_table().into_iter().flatten().map(move |(k, v)| (format!("{s}.{k}"), v.to_string()))
+            })
+            .collect()
+    };
+    let (old, new) = (flat(&old), flat(&new));
+    let mut changed = vec![];
+    for (k, v) in &new {
+        if RESUMABLE.iter().any(|p| k.starts_with(p) || k == p) {
+            continue;
+        }
+        let was = old.iter().find(|(o, _)| o == k).map(|(_, v)| v.as_str());
+        if was != Some(v.as_str()) {
+            changed.push(format!("{k} = {} (was {})", v, was.unwrap_or("unset")));
+        }
+    }
+    if !changed.is_empty() {
+        return Err(Error::Checkpoint {
+            path: path.clone(),
+            msg: format!(
+                "--resume with a changed config: {}; hint: resume with the checkpoint's values (--set KEY=VALUE), or start a new run (output.run_name)",
+                changed.join(", ")
+            ),
+        });
+    }
+    let state = checkpoint::read_state(dir)?;
+    if let Some(want) = &state.train_data_sha256 {
+        let got = ferrotune_data::cache::sha256_file(&cfg.data.train).map_err(|e| Error::Invalid(e.to_string()))?;
+        if &got != want {
+            return Err(Error::Checkpoint {
+                path: dir.join("state.json"),
+                msg: format!(
+                    "--resume with other training data: {} is not the file this run was trained on (SHA-256 {} now, {} at the checkpoint); hint: restore that file, or start a new run (output.run_name)",
+                    cfg.data.train.display(),
+                    &got[..12],
+                    &want[..12.min(want.len())]
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The run's newest complete checkpoint, after checking that `--resume` (or its absence) fits it.
@@ -356,6 +451,8 @@ fn set_up<'a>(
         loader,
         val,
         early,
+        interrupted: false,
+        loader_source_sha: train_cache.header.key.source_sha256.clone(),
         step,
         last_loss,
         started_at: step,
@@ -511,10 +608,13 @@ fn one_step(run: &mut Run, coll: &mut dyn Collective) -> Result<StepDone> {
     let batches: Vec<BatchTensors> =
         (0..plan.grad_accum).map(|_| to_tensors(&run.loader.next_batch(), run.device)).collect();
     // The loss of the step is divided by its trained tokens over all ranks and micro-batches.
-    let mut trained = [batches.iter().map(|b| b.trained).sum::<usize>() as f64];
-    let waited = Instant::now(); // here the other ranks wait out rank 0's evaluations and checkpoints
+    // With it, whether any rank was interrupted: all ranks stop after the same step.
+    let mut trained =
+        [batches.iter().map(|b| b.trained).sum::<usize>() as f64, f64::from(u8::from(crate::interrupt::requested()))];
+    let waited = Instant::now(); // here the other ranks wait out rank 0's checkpoints
     coll.all_reduce_f64(&mut trained)?;
     let waited = waited.elapsed();
+    run.interrupted = trained[1] > 0.0;
     let trained = trained[0] as usize;
     let denom = trained.max(1) as f64;
     let mut loss_sum = Tensor::zeros([], (Kind::Float, run.device));
@@ -683,6 +783,7 @@ fn checkpoint_if_due(run: &Run, stopping: bool, coll: &mut dyn Collective) -> Re
         last_loss: run.last_loss,
         world: run.world,
         early: run.early,
+        train_data_sha256: Some(run.loader_source_sha.clone()),
     };
     let (trainer, lead, sharded) = (&run.trainer, run.lead, run.plan.shard != Shard::None);
     let write = |d: &Path| -> Result<()> {
@@ -713,12 +814,21 @@ fn checkpoint_if_due(run: &Run, stopping: bool, coll: &mut dyn Collective) -> Re
 }
 
 /// The export of the adapter or model and the run's hyperparameters with its final metrics (rank 0).
-fn finish(run: Run, logger: &mut dyn Logger) -> Result<Outcome> {
+fn finish(run: Run, enc: &Encoder, logger: &mut dyn Logger) -> Result<Outcome> {
     if !run.lead {
         return Ok(run.outcome(None));
     }
     let export_dir = run.run_dir.join(if run.plan.lora.is_some() { "adapter" } else { "model" });
-    checkpoint::publish_dir(&export_dir, |dir| run.trainer.export(dir, &run.cfg.model.path))?;
+    checkpoint::publish_dir(&export_dir, |dir| {
+        run.trainer.export(dir, &run.cfg.model.path)?;
+        // The chat template the run trained with, beside the weights: `generate` and transformers
+        // (which reads chat_template.jinja first) then format prompts as training did.
+        if let Some(t) = &enc.template {
+            let p = dir.join("chat_template.jinja");
+            std::fs::write(&p, &t.source).map_err(Error::io(&p))?;
+        }
+        Ok(())
+    })?;
     let mut metrics = vec![("hparams/train_loss", run.last_loss)];
     metrics.extend(run.final_val.map(|v| ("hparams/eval_loss", v)));
     metrics.extend(run.final_response.map(|v| ("hparams/response_loss", v)));

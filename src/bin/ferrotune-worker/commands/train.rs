@@ -83,12 +83,22 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
     });
     let opts = RunOptions { resume, stop_after: args.stop_after_steps, progress, on_step };
+    ferrotune_trainer::interrupt::install();
     let outcome = train(cfg, opts, &mut *joined.coll, &mut *logger);
     if let Some((bar, _)) = steps.get() {
         bar.finish_and_clear();
     }
     let outcome = outcome?;
     logger.flush();
+    if outcome.interrupted {
+        if lead {
+            println!(
+                "interrupted after step {} (loss {:.4}): checkpoint written; continue with --resume",
+                outcome.steps, outcome.final_loss
+            );
+        }
+        std::process::exit(130);
+    }
     if !lead {
         println!("rank {} done: {} steps, final loss {:.4}", job.ranks.rank, outcome.steps, outcome.final_loss);
         return Ok(());
