@@ -105,7 +105,16 @@ fn kill_rank_1(j: &Job, out: &str, restarts: &str) -> (Output, Duration) {
         .map(|s| s.to_string())
         .collect();
     let mut c = launch(j, out, &args);
-    c.args(["--set", "train.max_steps=200", "--set", "train.n_checkpoints=20", "--set", "train.log_every=20"]);
+    c.args([
+        "--set",
+        "train.max_steps=200",
+        "--set",
+        "train.n_checkpoints=20",
+        "--set",
+        "train.log_every=20",
+        "--set",
+        "train.keep_checkpoints=0",
+    ]);
     let child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let marker = j.run_dir(out).join("checkpoints/step-20/DONE");
     let t0 = Instant::now();
@@ -147,7 +156,16 @@ fn a_killed_worker_stops_the_job_and_a_restart_resumes_to_the_same_loss() {
     assert!(out.contains("resumed from") || err.contains("resumed from"), "{out}\n{err}");
     let port = free_port().to_string();
     let mut c = launch(&j, "whole", &["--nproc-per-node".into(), "2".into(), "--master-port".into(), port]);
-    c.args(["--set", "train.max_steps=200", "--set", "train.n_checkpoints=20", "--set", "train.log_every=20"]);
+    c.args([
+        "--set",
+        "train.max_steps=200",
+        "--set",
+        "train.n_checkpoints=20",
+        "--set",
+        "train.log_every=20",
+        "--set",
+        "train.keep_checkpoints=0",
+    ]);
     ok(c.output().unwrap());
     let (a, b) = (losses(&j.run_dir("restarted")), losses(&j.run_dir("whole")));
     assert_eq!(a.last(), b.last(), "final loss after a restart differs from an uninterrupted run");
@@ -187,7 +205,16 @@ fn sigterm_to_the_launcher_stops_every_worker() {
     let j = job(&[]);
     let port = free_port().to_string();
     let mut c = launch(&j, "term", &["--nproc-per-node".into(), "2".into(), "--master-port".into(), port]);
-    c.args(["--set", "train.max_steps=500", "--set", "train.n_checkpoints=50", "--set", "train.log_every=50"]);
+    c.args([
+        "--set",
+        "train.max_steps=500",
+        "--set",
+        "train.n_checkpoints=50",
+        "--set",
+        "train.log_every=50",
+        "--set",
+        "train.keep_checkpoints=0",
+    ]);
     let child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let marker = j.run_dir("term").join("checkpoints/step-10/DONE");
     let t0 = Instant::now();

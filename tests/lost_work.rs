@@ -102,3 +102,15 @@ fn a_missing_model_path_names_the_key() {
         assert!(!o.status.success() && err.contains("model.path") && err.contains(why), "{err}");
     }
 }
+
+#[test]
+fn only_the_newest_checkpoints_are_kept() {
+    let j = job(&["train.max_steps=12", "train.n_checkpoints=6", "train.keep_checkpoints=2"]);
+    ok(common::ferrotune().args(j.train_args("out")).output().unwrap());
+    let mut kept: Vec<String> = std::fs::read_dir(j.run_dir("out").join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["step-10", "step-12"]);
+}

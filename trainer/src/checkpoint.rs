@@ -63,6 +63,31 @@ pub fn latest(run_dir: &Path) -> Option<(u64, PathBuf)> {
     list(run_dir).pop()
 }
 
+/// The checkpoint steps retention deletes: all but the newest `keep` (0 keeps all), never `last` (the
+/// run's final step). `steps` oldest first.
+pub fn to_prune(steps: &[u64], keep: usize, last: u64) -> Vec<u64> {
+    if keep == 0 || steps.len() <= keep {
+        return vec![];
+    }
+    steps[..steps.len() - keep].iter().copied().filter(|&s| s != last).collect()
+}
+
+/// Deletes the checkpoints `to_prune` names (rank 0, after a new one is complete). A failure to delete
+/// is a warning: training goes on.
+pub fn prune(run_dir: &Path, keep: usize, last: u64) {
+    let all = list(run_dir);
+    let steps: Vec<u64> = all.iter().map(|(s, _)| *s).collect();
+    for step in to_prune(&steps, keep, last) {
+        let dir = checkpoints_dir(run_dir).join(format!("step-{step}"));
+        // The DONE marker first, so a half-deleted directory is never taken for a complete checkpoint.
+        let gone = std::fs::remove_file(dir.join(DONE)).and_then(|_| std::fs::remove_dir_all(&dir));
+        match gone {
+            Ok(()) => tracing::debug!("removed checkpoint {} (train.keep_checkpoints = {keep})", dir.display()),
+            Err(e) => tracing::warn!("cannot remove old checkpoint {}: {e}", dir.display()),
+        }
+    }
+}
+
 /// Writes checkpoint `step` with `write` filling the directory; `DONE` and the rename make it visible.
 /// On any failure the partial directory is removed and earlier checkpoints are untouched.
 pub fn save(run_dir: &Path, step: u64, write: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
@@ -250,6 +275,15 @@ pub fn read_state(dir: &Path) -> Result<TrainState> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retention_keeps_the_newest_and_the_final_step() {
+        assert_eq!(to_prune(&[2, 4, 6, 8, 10], 3, 100), vec![2, 4]);
+        assert_eq!(to_prune(&[2, 4, 6], 3, 100), Vec::<u64>::new());
+        assert_eq!(to_prune(&[2, 4, 6, 8], 0, 100), Vec::<u64>::new(), "0 keeps all");
+        // The final step's checkpoint stays even when newer ones exist (a resumed run extended).
+        assert_eq!(to_prune(&[5, 10, 15, 20], 1, 10), vec![5, 15]);
+    }
 
     #[test]
     fn a_failed_write_leaves_the_previous_checkpoint_and_no_partial() {

@@ -85,6 +85,9 @@ pub struct TrainSection {
     pub seed: u64,
     /// Evenly spaced checkpoints (the final step is always saved).
     pub n_checkpoints: usize,
+    /// Complete checkpoints kept on disk: the newest this many (0: all). The final step's is never
+    /// deleted.
+    pub keep_checkpoints: usize,
     /// Log every this many steps.
     pub log_every: u64,
     /// Peak FLOP/s the MFU is measured against (0: 170e9 fp32 / 740e9 bf16 on CPU, 989e12 on CUDA).
@@ -183,6 +186,7 @@ impl Default for TrainSection {
             eps: 1e-8,
             seed: 42,
             n_checkpoints: 1,
+            keep_checkpoints: 3,
             log_every: 1,
             peak_flops: 0.0,
             activation_checkpointing: "auto".into(),

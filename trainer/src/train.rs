@@ -291,13 +291,17 @@ fn check_resume(cfg: &RunConfig, dir: &Path) -> Result<()> {
             })
             .collect()
     };
-    let (old, new) = (flat(&old), flat(&new));
+    let defaults: toml::Table = toml::from_str(&RunConfig::default().to_toml()).expect("defaults serialize");
+    let (old, new, defaults) = (flat(&old), flat(&new), flat(&defaults));
     let mut changed = vec![];
     for (k, v) in &new {
         if RESUMABLE.iter().any(|p| k.starts_with(p) || k == p) {
             continue;
         }
-        let was = old.iter().find(|(o, _)| o == k).map(|(_, v)| v.as_str());
+        // A key the checkpoint's ferrotune did not have yet had its default there.
+        let find = |list: &[(String, String)]| list.iter().find(|(o, _)| o == k).map(|(_, v)| v.clone());
+        let was = find(&old).or_else(|| find(&defaults));
+        let was = was.as_deref();
         if was != Some(v.as_str()) {
             changed.push(format!("{k} = {} (was {})", v, was.unwrap_or("unset")));
         }
@@ -809,6 +813,7 @@ fn checkpoint_if_due(run: &Run, stopping: bool, coll: &mut dyn Collective) -> Re
     let dir = checkpoint::save_all(&run.run_dir, run.step, coll, write, expected)?;
     if run.lead {
         tracing::info!("checkpoint {}", dir.display());
+        checkpoint::prune(&run.run_dir, run.cfg.train.keep_checkpoints, run.plan.total_steps);
     }
     Ok(())
 }
