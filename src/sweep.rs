@@ -74,6 +74,30 @@ pub struct TrialStatus {
     pub attempts: usize,
     #[serde(default)]
     pub error: Option<String>,
+    /// What the trial was run with: the base config's SHA-256 and every `--set` (output.* aside). A re-run
+    /// with other settings is refused instead of reporting old results as this sweep's.
+    #[serde(default)]
+    pub base_sha256: Option<String>,
+    #[serde(default)]
+    pub settings: Option<Vec<String>>,
+}
+
+/// The settings of trial `t` as `TrialStatus` records them.
+fn settings_of(p: &Plan, t: &Trial) -> Vec<String> {
+    p.file.set.iter().chain(&p.extra).cloned().chain(t.values.iter().map(|(k, v)| format!("{k}={v}"))).collect()
+}
+
+/// How the settings a trial ran with differ from `now` (empty: the same, or not recorded).
+fn changed(status: &TrialStatus, base_sha: &str, now: &[String]) -> Vec<String> {
+    let mut out = vec![];
+    if status.base_sha256.as_deref().is_some_and(|b| b != base_sha) {
+        out.push("the base config file changed".to_string());
+    }
+    if let Some(before) = &status.settings {
+        out.extend(now.iter().filter(|s| !before.contains(s)).map(|s| format!("+{s}")));
+        out.extend(before.iter().filter(|s| !now.contains(s)).map(|s| format!("-{s}")));
+    }
+    out
 }
 
 fn value_text(v: &toml::Value) -> Result<String> {
@@ -181,9 +205,16 @@ pub fn run(args: SweepArgs) -> Result<()> {
     let p = plan(&args)?;
     let keys: Vec<String> = p.file.grid.keys().cloned().collect();
     println!("sweep {}: {} trials in {}", p.file.name, p.trials.len(), p.dir.display());
+    let base_sha = ferrotune_data::cache::sha256_file(&p.base)?;
+    let mut stale = vec![];
     for t in &p.trials {
         let run_dir = p.dir.join("trials").join(&t.name);
+        let diff = read_status(&run_dir).map(|s| changed(&s, &base_sha, &settings_of(&p, t))).unwrap_or_default();
+        if !diff.is_empty() {
+            stale.push(format!("{} ({})", t.name, diff.join(", ")));
+        }
         let state = match read_status(&run_dir) {
+            _ if !diff.is_empty() => format!("ran with other settings: {}", diff.join(", ")),
             Some(s) if s.status == "done" => "finished (skipped)".to_string(),
             Some(s) if has_checkpoint(&run_dir) => format!("{}, resumes from its checkpoint", s.status),
             Some(s) => format!("{}, starts again (no checkpoint)", s.status),
@@ -194,6 +225,14 @@ pub fn run(args: SweepArgs) -> Result<()> {
     }
     if args.dry_run {
         return Ok(());
+    }
+    if !stale.is_empty() {
+        bail!(
+            "{} in {} ran with other settings than this sweep's: {}; hint: give the sweep another `name`, or delete those trial directories to run them again",
+            if stale.len() == 1 { "1 trial" } else { "some trials" },
+            p.dir.join("trials").display(),
+            stale.join("; ")
+        );
     }
     std::fs::create_dir_all(&p.dir).with_context(|| format!("creating {}", p.dir.display()))?;
     let index = SweepIndex { name: p.file.name.clone(), keys, trials: p.trials.clone() };
@@ -293,6 +332,8 @@ fn run_trial(
     status.status = "running".into();
     status.attempts += 1;
     status.error = None;
+    status.base_sha256 = Some(ferrotune_data::cache::sha256_file(&p.base)?);
+    status.settings = Some(settings_of(p, t));
     write_status(&run_dir, &status)?;
     println!("trial {} {}", t.name, if resume { "resuming from its checkpoint" } else { "starting" });
     let t0 = Instant::now();

@@ -221,6 +221,13 @@ fn an_interrupted_sweep_finishes_only_what_was_left() {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
         .collect();
     assert_eq!(steps, (1..=40).collect::<Vec<_>>());
+
+    // Re-run with another setting: the finished trials are not this sweep's results any more.
+    let o = ferrotune(tmp.path()).arg("sweep").arg(&sweep).args(["--set", "train.max_steps=30"]).output().unwrap();
+    let out = text(&o);
+    assert!(!o.status.success() && out.contains("ran with other settings than this sweep's"), "{out}");
+    assert!(out.contains("00-lr=0.001 (+train.max_steps=30)"), "{out}");
+    assert_eq!(std::fs::read(trials.join("00-lr=0.001/metrics.jsonl")).unwrap(), first, "a trial ran");
 }
 
 #[test]
