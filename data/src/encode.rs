@@ -241,13 +241,18 @@ impl Encoder {
         }
         // A tool call the template does not render (or that we cannot place in its turn) would train an
         // empty turn: refuse it, naming the message.
-        for (i, m) in conv.iter().enumerate().filter(|(_, m)| m.calls_tools()) {
-            let turn: String = toks
-                .iter()
-                .zip(&tags)
-                .filter(|(_, t)| t.message == Some(i as u16) && t.kind == Kind::Body)
-                .map(|((_, (s, e)), _)| &r.text[*s..*e])
-                .collect();
+        let calling: Vec<usize> = (0..conv.len()).filter(|&i| conv[i].calls_tools()).collect();
+        let mut turns: HashMap<u16, String> = HashMap::new();
+        if !calling.is_empty() {
+            for ((_, (s, e)), t) in toks.iter().zip(&tags) {
+                if let (Kind::Body, Some(m)) = (t.kind, t.message) {
+                    turns.entry(m).or_default().push_str(&r.text[*s..*e]);
+                }
+            }
+        }
+        for &i in &calling {
+            let m = &conv[i];
+            let turn = turns.get(&(i as u16)).map_or("", String::as_str);
             let calls = m.extra.as_ref().map_or(&[][..], |e| e.tool_calls());
             let names = calls.iter().filter_map(|c| c.pointer("/function/name").and_then(serde_json::Value::as_str));
             if let Some(name) = names.clone().find(|n| !turn.contains(n)) {
@@ -297,8 +302,13 @@ impl Encoder {
                 }
             }
         }
+        // Where the next located content after message i starts (linear: one backward pass).
+        let mut next_starts = vec![text.len(); n];
+        for i in (0..n.saturating_sub(1)).rev() {
+            next_starts[i] = r.content[i + 1].as_ref().map_or(next_starts[i + 1], |c| c.start);
+        }
         for i in 0..n {
-            let next_content = (i + 1..n).find_map(|j| r.content[j].as_ref().map(|c| c.start)).unwrap_or(text.len());
+            let next_content = next_starts[i];
             let header = self.headers.get(&conv[i].role);
             match &r.content[i] {
                 Some(c) => {

@@ -7,6 +7,10 @@ use crate::error::{DataError, Result};
 use std::io::{BufRead, Read};
 use std::path::Path;
 
+/// The longest line a JSONL file may have; a longer one (or a file with no line end, like /dev/zero)
+/// is refused before it fills memory.
+pub const MAX_LINE_BYTES: usize = 64 << 20;
+
 /// What a row number counts in a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unit {
@@ -73,7 +77,20 @@ impl Rows {
         buf.clear();
         match &mut self.inner {
             Inner::Jsonl { reader, read } => {
-                let n = reader.read_until(b'\n', buf).map_err(DataError::io(path))?;
+                let n = (&mut *reader)
+                    .take(MAX_LINE_BYTES as u64 + 1)
+                    .read_until(b'\n', buf)
+                    .map_err(DataError::io(path))?;
+                if buf.len() > MAX_LINE_BYTES {
+                    return Err(DataError::at(
+                        path,
+                        format!(
+                            "line {} is longer than {} MiB, ferrotune's limit for one JSONL line (no line end?); hint: one conversation a line",
+                            self.number + 1,
+                            MAX_LINE_BYTES >> 20
+                        ),
+                    ));
+                }
                 if n == 0 {
                     return Ok(None);
                 }

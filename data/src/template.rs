@@ -32,6 +32,11 @@ fn sentinel(i: usize) -> String {
 /// The most messages one conversation may have: one sentinel character each.
 pub const MAX_MESSAGES: usize = 65_534;
 
+/// The most template instructions one render may run (minijinja's fuel): far above what a real template
+/// spends on the longest conversation (a few hundred a message), so only a template that loops without
+/// end, or nests loops over the input, runs out.
+pub const TEMPLATE_FUEL: u64 = 50_000_000;
+
 /// Text rendered by a chat template, with where each message's content landed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rendered {
@@ -113,6 +118,7 @@ impl ChatTemplate {
         syntax.trim_blocks(true).lstrip_blocks(true);
         env.set_syntax(syntax.build().map_err(|e| DataError::at(&origin, e.to_string()))?);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_fuel(Some(TEMPLATE_FUEL));
         minijinja_contrib::add_to_environment(&mut env);
         env.add_filter("tojson", tojson);
         env.add_filter("trim", py_trim);
@@ -199,7 +205,14 @@ impl ChatTemplate {
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
         };
-        tmpl.render(ctx).map_err(|e| DataError::at(&self.origin, format!("rendering the chat template failed: {e:#}")))
+        tmpl.render(ctx).map_err(|e| {
+            let hint = if e.kind() == ErrorKind::OutOfFuel {
+                format!(" (the template ran {TEMPLATE_FUEL} instructions on one conversation, ferrotune's limit: it loops without end, or over the input in nested loops)")
+            } else {
+                String::new()
+            };
+            DataError::at(&self.origin, format!("rendering the chat template failed: {e:#}{hint}"))
+        })
     }
 }
 
@@ -441,20 +454,25 @@ fn strip_generation(text: &str) -> (String, Vec<Range<usize>>) {
 /// must appear verbatim in the real render, with each probed message's content (or its trimmed form)
 /// between. A sentinel the template does not render means it leaves that message's text out (no span).
 fn align(text: &str, probe: &str, messages: &[ChatMessage], probed: &[bool]) -> Option<Vec<Option<Range<usize>>>> {
+    // One pass over the probe: where each sentinel is (linear in the text, whatever the message count).
+    let mut at: Vec<Option<usize>> = vec![None; messages.len()];
+    for (b, c) in probe.char_indices() {
+        let Some(i) = (c as usize).checked_sub(0xF0000).filter(|&i| i < messages.len() && probed[i]) else { continue };
+        if at[i].replace(b).is_some() {
+            return None; // rendered twice
+        }
+    }
     let mut segments = Vec::with_capacity(messages.len() + 1);
     let mut shown = vec![]; // the messages whose sentinel is in the probe, in order
     let mut pos = 0;
-    for i in (0..messages.len()).filter(|&i| probed[i]) {
-        let s = sentinel(i);
-        match probe.matches(s.as_str()).count() {
-            0 => continue,
-            1 => {}
-            _ => return None,
+    for i in 0..messages.len() {
+        let Some(b) = at[i] else { continue };
+        if b < pos {
+            return None; // out of order
         }
-        let at = pos + probe[pos..].find(s.as_str())?;
-        segments.push(&probe[pos..at]);
+        segments.push(&probe[pos..b]);
         shown.push(i);
-        pos = at + s.len();
+        pos = b + sentinel(i).len();
     }
     segments.push(&probe[pos..]);
     let mut cur = segments[0].len();

@@ -115,3 +115,50 @@ fn a_template_that_does_not_render_tool_calls_is_refused_naming_the_message() {
         prepare(&data, &encoder("llama3-tokenizer", "llama31"), &opts(Strategy::Assistant, true), &|_, _| {}).is_ok()
     );
 }
+
+#[test]
+fn limits_are_named_and_checked_before_the_work() {
+    use ferrotune_data::record::{ChatMessage, Conversation, Record, Role};
+    let tmp = tempfile::tempdir().unwrap();
+    // A line with no end: refused at the limit, not after filling memory.
+    let p = tmp.path().join("long.jsonl");
+    std::fs::write(&p, vec![b'x'; ferrotune_data::source::MAX_LINE_BYTES + 10]).unwrap();
+    let err = ferrotune_data::check::check_file(
+        &p,
+        &ferrotune_data::check::CheckOptions { strict: false, max_problems: 5 },
+        None,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("line 1 is longer than 64 MiB, ferrotune's limit"), "{err}");
+    // A template that loops without end runs out of fuel, with the limit named.
+    let dir = fixtures::ensure("smollm2-135m-instruct");
+    let t = tmp.path().join("loops.jinja");
+    std::fs::write(&t, "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}").unwrap();
+    let enc =
+        Encoder::new(Tokenizer::from_dir(&dir).unwrap(), Some(ChatTemplate::load(&dir, t.to_str().unwrap()).unwrap()))
+            .unwrap();
+    let err = enc
+        .encode(&Record::Messages(
+            vec![ChatMessage::new(Role::User, "a"), ChatMessage::new(Role::Assistant, "b")].into(),
+        ))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("ferrotune's limit") && err.contains("loops without end"), "{err}");
+    // Many messages: linear work (20,000 render and encode), and past the limit an error, not a panic.
+    let enc = encoder("smollm2-135m-instruct", "auto");
+    let conv = |n: usize| -> Conversation {
+        (0..n)
+            .map(|i| ChatMessage::new(if i % 2 == 0 { Role::User } else { Role::Assistant }, format!("m{i}")))
+            .collect::<Vec<_>>()
+            .into()
+    };
+    let t0 = std::time::Instant::now();
+    let e = enc.encode(&Record::Messages(conv(20_000))).unwrap();
+    println!("20,000 messages: {} tokens in {:.2}s", e.ids.len(), t0.elapsed().as_secs_f64());
+    let err =
+        enc.encode(&Record::Messages(conv(ferrotune_data::template::MAX_MESSAGES + 1))).err().unwrap().to_string();
+    assert!(err.contains("at most 65534 are supported"), "{err}");
+}
