@@ -465,8 +465,8 @@ fn align(text: &str, probe: &str, messages: &[ChatMessage], probed: &[bool]) -> 
     let mut segments = Vec::with_capacity(messages.len() + 1);
     let mut shown = vec![]; // the messages whose sentinel is in the probe, in order
     let mut pos = 0;
-    for i in 0..messages.len() {
-        let Some(b) = at[i] else { continue };
+    for (i, b) in at.iter().enumerate() {
+        let Some(b) = *b else { continue };
         if b < pos {
             return None; // out of order
         }
