@@ -263,9 +263,11 @@ impl Run<'_> {
     }
 }
 
-/// Config keys a resume may change: they do not change what is trained (evaluation, logging, where
-/// it runs). Any other difference from the checkpoint's config is refused.
-const RESUMABLE: [&str; 8] = [
+/// Config keys a resume may change: they do not change what is trained (evaluation, logging, where it
+/// runs, and the memory knobs whose result is the same step: sharding, checkpointing, loss chunks,
+/// buckets, micro-batch size at a fixed batch size). Any other difference from the checkpoint's config
+/// is refused.
+const RESUMABLE: [&str; 15] = [
     "eval.",
     "train.log_every",
     "train.peak_flops",
@@ -274,6 +276,13 @@ const RESUMABLE: [&str; 8] = [
     "data.train",
     "output.",
     "train.n_checkpoints",
+    "train.keep_checkpoints",
+    "train.shard",
+    "train.bucket_mb",
+    "train.activation_checkpointing",
+    "train.selective_every",
+    "train.loss_chunk_tokens",
+    "train.micro_batch_size",
 ];
 
 /// Before `--resume` writes anything: the config must be the checkpoint's (but for `RESUMABLE` keys)
