@@ -22,11 +22,10 @@ use crate::model::Llama;
 use crate::optim::{AdamWConfig, ShardOf};
 use crate::plan::{self, Plan, RunConfig};
 use crate::{memory, parse_kind};
+use crate::{resume, run_data};
 use ferrotune_data::cache::TokenCache;
 use ferrotune_data::encode::Encoder;
 use ferrotune_data::loader::Loader;
-use ferrotune_data::mask::MaskOptions;
-use ferrotune_data::prepare::{open_or_prepare, PrepareOptions};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -92,19 +91,6 @@ pub fn encoder_for(cfg: &RunConfig) -> Result<Encoder> {
     Encoder::from_model_dir(&cfg.model.path, &cfg.model.template).map_err(|e| Error::Invalid(e.to_string()))
 }
 
-fn cache_for(
-    data: &Path,
-    out: &Path,
-    enc: &Encoder,
-    cfg: &RunConfig,
-    mask: Option<MaskOptions>,
-    progress: &(dyn Fn(u64, u64) + Sync),
-) -> Result<TokenCache> {
-    let (own, overlong) = plan::data_options(&cfg.data)?;
-    let opts = PrepareOptions::new(mask.unwrap_or(own), cfg.data.max_seq_len, overlong);
-    open_or_prepare(data, enc, &opts, out, progress).map_err(|e| Error::Invalid(e.to_string()))
-}
-
 /// Approximate FLOPs of one step: 2 per weight per token forward (decoder matmuls on every token,
 /// lm_head on trained tokens only), backward twice that for full fine-tuning and once (activation
 /// gradients only) for LoRA. Attention scores are left out.
@@ -134,12 +120,12 @@ pub fn train(cfg: RunConfig, opts: RunOptions, coll: &mut dyn Collective, logger
             msg: format!("{what}; hint: --set model.path=DIR, a Hugging Face model directory (config.json, safetensors, tokenizer)"),
         });
     }
-    let existing = check_start(&run_dir, opts.resume)?;
+    let existing = resume::check_start(&run_dir, opts.resume)?;
     if let Some((_, dir)) = existing.as_ref().filter(|_| opts.resume) {
-        check_resume(&cfg, dir)?;
+        resume::check_resume(&cfg, dir)?;
     }
     let enc = encoder_for(&cfg)?;
-    let (train_cache, val_caches) = open_caches(&cfg, &run_dir, &enc, &opts, coll)?;
+    let (train_cache, val_caches) = run_data::open_caches(&cfg, &run_dir, &enc, &opts, coll)?;
     // A data file none of whose conversations made a row is refused before the model loads, saying why.
     let val_own = val_caches.as_ref().map(|v| &v.0);
     for (key, cache) in [("data.train", Some(&train_cache)), ("data.validation", val_own)] {
@@ -164,7 +150,7 @@ pub fn train(cfg: RunConfig, opts: RunOptions, coll: &mut dyn Collective, logger
     if run.step == 0 {
         // The base model, before any update: the first row of a sweep's report.
         if run.lead && run.val.is_some() {
-            if let Some((tokens, response)) = data_counts(&run.cfg, &enc) {
+            if let Some((tokens, response)) = run_data::data_counts(&run.cfg, &enc) {
                 let v = [("data/tokens", tokens as f64), ("data/response_tokens", response as f64)];
                 logger.scalars(0, &v);
             }
@@ -259,156 +245,6 @@ impl Run<'_> {
             final_val_loss,
             export_dir,
             interrupted,
-        }
-    }
-}
-
-/// Config keys a resume may change: they do not change what is trained (evaluation, logging, where it
-/// runs, and the memory knobs whose result is the same step: sharding, checkpointing, loss chunks,
-/// buckets, micro-batch size at a fixed batch size). Any other difference from the checkpoint's config
-/// is refused.
-const RESUMABLE: [&str; 15] = [
-    "eval.",
-    "train.log_every",
-    "train.peak_flops",
-    "model.device",
-    "data.validation",
-    "data.train",
-    "output.",
-    "train.n_checkpoints",
-    "train.keep_checkpoints",
-    "train.shard",
-    "train.bucket_mb",
-    "train.activation_checkpointing",
-    "train.selective_every",
-    "train.loss_chunk_tokens",
-    "train.micro_batch_size",
-];
-
-/// Before `--resume` writes anything: the config must be the checkpoint's (but for `RESUMABLE` keys)
-/// and the training data the file it was trained on (its SHA-256, saved in the checkpoint).
-fn check_resume(cfg: &RunConfig, dir: &Path) -> Result<()> {
-    let path = dir.join("config.toml");
-    let old: toml::Table = std::fs::read_to_string(&path)
-        .map_err(Error::io(&path))
-        .and_then(|t| toml::from_str(&t).map_err(|e| Error::Checkpoint { path: path.clone(), msg: e.to_string() }))?;
-    let new: toml::Table = toml::from_str(&cfg.to_toml()).expect("configs serialize");
-    let flat = |t: &toml::Table| -> Vec<(String, String)> {
-        t.iter()
-            .flat_map(|(s, keys)| {
-                keys.as_table().into_iter().flatten().map(move |(k, v)| (format!("{s}.{k}"), v.to_string()))
-            })
-            .collect()
-    };
-    let defaults: toml::Table = toml::from_str(&RunConfig::default().to_toml()).expect("defaults serialize");
-    let (old, new, defaults) = (flat(&old), flat(&new), flat(&defaults));
-    let mut changed = vec![];
-    for (k, v) in &new {
-        if RESUMABLE.iter().any(|p| k.starts_with(p) || k == p) {
-            continue;
-        }
-        // A key the checkpoint's ferrotune did not have yet had its default there.
-        let find = |list: &[(String, String)]| list.iter().find(|(o, _)| o == k).map(|(_, v)| v.clone());
-        let was = find(&old).or_else(|| find(&defaults));
-        let was = was.as_deref();
-        if was != Some(v.as_str()) {
-            changed.push(format!("{k} = {} (was {})", v, was.unwrap_or("unset")));
-        }
-    }
-    if !changed.is_empty() {
-        return Err(Error::Checkpoint {
-            path: path.clone(),
-            msg: format!(
-                "--resume with a changed config: {}; hint: resume with the checkpoint's values (--set KEY=VALUE), or start a new run (output.run_name)",
-                changed.join(", ")
-            ),
-        });
-    }
-    let state = checkpoint::read_state(dir)?;
-    if let Some(want) = &state.train_data_sha256 {
-        let got = ferrotune_data::cache::sha256_file(&cfg.data.train).map_err(|e| Error::Invalid(e.to_string()))?;
-        if &got != want {
-            return Err(Error::Checkpoint {
-                path: dir.join("state.json"),
-                msg: format!(
-                    "--resume with other training data: {} is not the file this run was trained on (SHA-256 {} now, {} at the checkpoint); hint: restore that file, or start a new run (output.run_name)",
-                    cfg.data.train.display(),
-                    &got[..12],
-                    &want[..12.min(want.len())]
-                ),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// The run's newest complete checkpoint, after checking that `--resume` (or its absence) fits it.
-fn check_start(run_dir: &Path, resume: bool) -> Result<Option<(u64, PathBuf)>> {
-    let existing = checkpoint::latest(run_dir);
-    if resume && existing.is_none() {
-        return Err(Error::Checkpoint {
-            path: checkpoint::checkpoints_dir(run_dir),
-            msg: "no complete checkpoint to resume from; hint: drop --resume to start the run".into(),
-        });
-    }
-    if !resume && existing.is_some() {
-        return Err(Error::Checkpoint {
-            path: run_dir.to_owned(),
-            msg: "this run already has checkpoints; hint: pass --resume to continue it, or set output.run_name".into(),
-        });
-    }
-    std::fs::create_dir_all(run_dir.join("cache")).map_err(Error::io(run_dir))?;
-    Ok(existing)
-}
-
-/// The validation file's caches: under the run's mask, and under the response mask (when different).
-type ValCaches = (TokenCache, Option<TokenCache>);
-
-/// Token caches of the training and validation files (the validation file twice: under the run's
-/// mask, and under the response mask unless that is the run's), built by rank 0 on the first run (the
-/// others wait, then open them).
-fn open_caches(
-    cfg: &RunConfig,
-    run_dir: &Path,
-    enc: &Encoder,
-    opts: &RunOptions,
-    coll: &mut dyn Collective,
-) -> Result<(TokenCache, Option<ValCaches>)> {
-    let has_val = !cfg.data.validation.as_os_str().is_empty();
-    let (own, _) = plan::data_options(&cfg.data)?;
-    let caches = || -> Result<(TokenCache, Option<ValCaches>)> {
-        let p = &*opts.progress;
-        let train = cache_for(&cfg.data.train, &run_dir.join("cache/train.ftcache"), enc, cfg, None, p)?;
-        if !has_val {
-            return Ok((train, None));
-        }
-        let val = cache_for(&cfg.data.validation, &run_dir.join("cache/validation.ftcache"), enc, cfg, None, p)?;
-        let resp = if own == eval::response_mask() {
-            None
-        } else {
-            let out = run_dir.join("cache/validation.response.ftcache");
-            Some(cache_for(&cfg.data.validation, &out, enc, cfg, Some(eval::response_mask()), p)?)
-        };
-        Ok((train, Some((val, resp))))
-    };
-    let built = if coll.rank() == 0 { Some(caches()) } else { None };
-    coll.barrier()?;
-    match built {
-        Some(c) => c,
-        None => caches(),
-    }
-}
-
-/// The training data's tokens and response tokens (under the response mask, packed as the run packs),
-/// for the instruction/response ratio of sweep reports; `None` where the data has no responses.
-fn data_counts(cfg: &RunConfig, enc: &Encoder) -> Option<(usize, usize)> {
-    let (_, overlong) = plan::data_options(&cfg.data).ok()?;
-    let opts = PrepareOptions::new(eval::response_mask(), cfg.data.max_seq_len, overlong);
-    match ferrotune_data::prepare::prepare(&cfg.data.train, enc, &opts, &|_, _| {}) {
-        Ok((h, _)) => Some((h.stats.tokens, h.stats.trained_tokens)),
-        Err(e) => {
-            tracing::debug!("no response-token count of the training data: {e}");
-            None
         }
     }
 }
