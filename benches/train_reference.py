@@ -12,6 +12,7 @@ are not timed. Prints one JSON object: tokens, trained tokens, seconds, peak RSS
 scripts/gpu-check sets REF_DEVICE=cuda (the model and rows on that GPU; the JSON then also holds the
 caching allocator's peaks, peak_allocated and peak_reserved), REF_LORA_R (default 8) and
 REF_CHECKPOINTING=1 (transformers' gradient checkpointing, non-reentrant, like ferrotune's full).
+REF_PROFILE=PATH profiles one extra, untimed step with torch.profiler and writes its operators there.
 """
 
 import json
@@ -68,6 +69,24 @@ def main(model_dir, rows_path, mode, dtype, warmup):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     secs = time.perf_counter() - t0
+    profile_path = os.environ.get("REF_PROFILE")
+    if profile_path:
+        # One more step (row 0 again, not timed) under torch.profiler: self time per operator, as
+        # ferrotune's trainer/src/profile.rs sums it from the same libtorch profiler.
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            ids, pos, labels = (rows[k][0:1] for k in ("input_ids", "position_ids", "labels_hf"))
+            model(input_ids=ids, position_ids=pos, labels=labels).loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        ops = [
+            {"name": e.key, "calls": e.count, "self_ns": int(e.self_cpu_time_total * 1000), "total_ns": int(e.cpu_time_total * 1000)}
+            for e in prof.key_averages()
+        ]
+        with open(profile_path, "w") as f:
+            json.dump({"ops": sorted(ops, key=lambda o: -o["self_ns"]), "kernels": []}, f)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out = {"tokens": tokens, "trained": trained, "secs": secs, "peak_rss": peak, "losses": losses}
     if device.startswith("cuda"):

@@ -382,8 +382,8 @@ pub struct GenerateArgs {
     /// Stop after this many new tokens per answer.
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
-    /// Compute dtype: fp32 or bf16.
-    #[arg(long, default_value = "fp32")]
+    /// Compute dtype: auto (bf16 where the device has bf16 matrix units: AMX-BF16 or AVX-512 BF16 CPUs, GPUs of compute capability 8.0+; else fp32), fp32 or bf16.
+    #[arg(long, default_value = "auto")]
     pub dtype: String,
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
@@ -495,8 +495,8 @@ pub struct EvalArgs {
     /// Where `coqa` writes one JSON line per question (default: DATA.predictions.jsonl).
     #[arg(long)]
     pub predictions: Option<PathBuf>,
-    /// Compute dtype: fp32 or bf16.
-    #[arg(long, default_value = "fp32")]
+    /// Compute dtype: auto (bf16 where the device has bf16 matrix units: AMX-BF16 or AVX-512 BF16 CPUs, GPUs of compute capability 8.0+; else fp32), fp32 or bf16.
+    #[arg(long, default_value = "auto")]
     pub dtype: String,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]

@@ -8,10 +8,14 @@
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo::rustc-check-cfg=cfg(ferrotune_cuda_stats)");
+    println!("cargo::rustc-check-cfg=cfg(ferrotune_profiler)");
+    println!("cargo::rustc-check-cfg=cfg(ferrotune_fused_adamw)");
     let Some(lib) = std::env::var_os("DEP_TCH_LIBTORCH_LIB") else { return };
     let lib = lib.to_string_lossy();
     if std::env::var("CARGO_PKG_NAME").as_deref() == Ok("ferrotune-trainer") {
         cuda_memory_shim(std::path::Path::new(lib.as_ref()));
+        profiler_shim(std::path::Path::new(lib.as_ref()));
+        fused_adamw_shim(std::path::Path::new(lib.as_ref()));
     }
     // Keep libtorch (and through it libtorch_cuda) even though no symbol of it is referenced directly,
     // so that CUDA devices are visible.
@@ -60,4 +64,52 @@ fn cuda_memory_shim(lib: &std::path::Path) {
         .file("csrc/cuda_memory.cpp")
         .compile("ferrotune_cuda_memory");
     println!("cargo:rustc-cfg=ferrotune_cuda_stats");
+}
+
+/// Compiles csrc/profiler.cpp (libtorch's Kineto operator profiler, for `profile.rs`) when libtorch's
+/// headers declare it, and sets `cfg(ferrotune_profiler)`; without it profiling reports that it is absent.
+fn profiler_shim(lib: &std::path::Path) {
+    println!("cargo:rerun-if-changed=csrc/profiler.cpp");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    let include = lib.join("../include");
+    let header = std::fs::read_to_string(include.join("torch/csrc/autograd/profiler_kineto.h")).unwrap_or_default();
+    if !header.contains("disableProfiler") || !header.contains("struct TORCH_API KinetoEvent") {
+        return;
+    }
+    // The PyPI wheels since torch 2.7 use the C++11 ABI, as tch's own build assumes by default.
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .file("csrc/profiler.cpp")
+        .compile("ferrotune_profiler");
+    println!("cargo:rustc-cfg=ferrotune_profiler");
+}
+
+/// Compiles csrc/fused_adamw.cpp (libtorch's fused AdamW kernel, for `optim.rs`) when libtorch's
+/// headers declare `aten::_fused_adamw_`, and sets `cfg(ferrotune_fused_adamw)`; without it the
+/// optimizer runs its elementwise operations one by one.
+fn fused_adamw_shim(lib: &std::path::Path) {
+    println!("cargo:rerun-if-changed=csrc/fused_adamw.cpp");
+    let include = lib.join("../include");
+    let header = std::fs::read_to_string(include.join("ATen/ops/_fused_adamw.h")).unwrap_or_default();
+    if !header.contains("inline void _fused_adamw_(at::TensorList self") {
+        return;
+    }
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
+        .include(&include)
+        .file("csrc/fused_adamw.cpp")
+        .compile("ferrotune_fused_adamw");
+    println!("cargo:rustc-cfg=ferrotune_fused_adamw");
 }

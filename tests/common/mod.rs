@@ -32,7 +32,7 @@ pub fn job_of(n: usize, user: &str, extra: &[&str]) -> Job {
     std::fs::write(&data, lines.join("\n") + "\n").unwrap();
     std::fs::write(
         dir.path().join("run.toml"),
-        "[model]\ntemplate = \"llama3\"\n[data]\nmax_seq_len = 64\n[train]\nmax_steps = 6\nmicro_batch_size = 1\nlr = 1e-3\nlog_every = 1\n[output]\nrun_name = \"t\"\n",
+        "[model]\ntemplate = \"llama3\"\ndtype = \"fp32\"\n[data]\nmax_seq_len = 64\n[train]\nmax_steps = 6\nmicro_batch_size = 1\nlr = 1e-3\nlog_every = 1\n[output]\nrun_name = \"t\"\n",
     )
     .unwrap();
     let mut sets = vec![

@@ -33,6 +33,10 @@ pub struct TrainState {
     /// SHA-256 of the training data file: `--resume` refuses another.
     #[serde(default)]
     pub train_data_sha256: Option<String>,
+    /// The compute dtype the run trained in (fp32 or bf16, `model.dtype = "auto"` resolved): `--resume`
+    /// continues in it, whatever `auto` would pick on the machine that resumes.
+    #[serde(default)]
+    pub compute_dtype: Option<String>,
 }
 
 fn one() -> usize {

@@ -219,6 +219,15 @@ pub fn check_ranges(c: &RunConfig) -> Result<()> {
             format!("{} is over the limit of {MAX_SEQ_LEN} tokens a row", c.data.max_seq_len),
         );
     }
+    if !["fp32", "bf16"].contains(&t.optimizer_dtype.as_str()) {
+        return bad("train.optimizer_dtype", format!("`{}` is not fp32 or bf16", t.optimizer_dtype));
+    }
+    if t.optimizer_dtype == "bf16" && ["fp32", "float32"].contains(&c.model.dtype.as_str()) {
+        return bad(
+            "train.optimizer_dtype",
+            "bf16 state needs a bf16 model, and model.dtype is fp32; hint: model.dtype = \"bf16\" (or \"auto\" on bf16 hardware)".into(),
+        );
+    }
     if c.lora.enabled && c.lora.r <= 0 {
         return bad("lora.r", format!("{} must be positive", c.lora.r));
     }

@@ -18,6 +18,9 @@ pub struct MemoryInputs<'a> {
     pub arch: &'a LlamaConfig,
     /// 2 (bf16) or 4 (fp32).
     pub compute_bytes: usize,
+    /// AdamW's state in bf16 (`train.optimizer_dtype = "bf16"` with a bf16 model): 4 B a trainable
+    /// parameter instead of 12.
+    pub bf16_state: bool,
     /// LoRA rank, adapted module names (`q_proj`, …) and whether dropout is on; None: full fine-tuning.
     pub lora: Option<(i64, Vec<&'static str>, bool)>,
     pub checkpointing: Checkpointing,
@@ -196,13 +199,16 @@ pub fn predict(m: &MemoryInputs) -> MemoryPlan {
     };
     let slice = if w > 1.0 { p_train * e / w } else { 0.0 };
     part("gradients", full_grads * e + slice, how);
-    // AdamW moments are fp32 (8 B a parameter); fp32 masters only when computing in bf16.
-    let masters = if m.compute_bytes == 4 { 0.0 } else { 4.0 };
+    // AdamW moments are fp32 (8 B a parameter) with fp32 masters when computing in bf16, or bf16
+    // moments (4 B) without masters under `train.optimizer_dtype = "bf16"`.
+    let moments = if m.bf16_state { 4.0 } else { 8.0 };
+    let masters = if m.compute_bytes == 4 || m.bf16_state { 0.0 } else { 4.0 };
     part(
         "optimizer state",
-        p_train * (8.0 + masters) / w,
+        p_train * (moments + masters) / w,
         format!(
-            "{p_train:.3e} x (8 B moments{}){}",
+            "{p_train:.3e} x ({moments} B {} moments{}){}",
+            if m.bf16_state { "bf16" } else { "fp32" },
             if masters > 0.0 { " + 4 B fp32 masters" } else { "" },
             if w > 1.0 { format!(" / {w} ranks") } else { String::new() }
         ),
@@ -299,6 +305,7 @@ pub fn inputs_for<'a>(
     MemoryInputs {
         arch,
         compute_bytes: if kind == tch::Kind::BFloat16 { 2 } else { 4 },
+        bf16_state: kind == tch::Kind::BFloat16 && t.optimizer_dtype == "bf16",
         lora: plan.lora.as_ref().map(|l| (l.r, l.targets().unwrap_or_default(), l.dropout > 0.0)),
         checkpointing: plan.checkpointing,
         rows: t.micro_batch_size,
@@ -420,6 +427,7 @@ mod tests {
         MemoryInputs {
             arch: a,
             compute_bytes: 2,
+            bf16_state: false,
             lora: None,
             checkpointing: Checkpointing::Full,
             rows: 1,

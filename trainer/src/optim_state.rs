@@ -130,11 +130,13 @@ impl AdamW {
                 })?;
                 let t = weights::tensor_of_view(&view, &path, name)?;
                 let expected = saved[r + 1] - saved[r];
-                if t.size() != [expected as i64] || t.kind() != Kind::Float {
+                // Moments are in the state's dtype (train.optimizer_dtype), masters always fp32.
+                let kind = if name == "master" { Kind::Float } else { into.kind() };
+                if t.size() != [expected as i64] || t.kind() != kind {
                     return Err(Error::Tensor {
                         path: path.clone(),
                         tensor: name.into(),
-                        msg: format!("{:?} {:?}, expected [{expected}] Float", t.kind(), t.size()),
+                        msg: format!("{:?} {:?}, expected [{expected}] {kind:?}", t.kind(), t.size()),
                     });
                 }
                 let part: Tensor = t.narrow(0, (a - saved[r]) as i64, (b - a) as i64);

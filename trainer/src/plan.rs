@@ -30,7 +30,8 @@ pub struct RunConfig {
 pub struct ModelSection {
     /// Hugging Face model directory.
     pub path: PathBuf,
-    /// Compute dtype: fp32 or bf16 (bf16 keeps fp32 master weights and optimizer state).
+    /// Compute dtype: auto (bf16 where the device has bf16 matrix units, else fp32), fp32 or bf16
+    /// (bf16 keeps fp32 master weights and optimizer state unless `train.optimizer_dtype = "bf16"`).
     pub dtype: String,
     /// cpu, cuda or cuda:N.
     pub device: String,
@@ -90,8 +91,14 @@ pub struct TrainSection {
     pub keep_checkpoints: usize,
     /// Log every this many steps.
     pub log_every: u64,
-    /// Peak FLOP/s the MFU is measured against (0: 170e9 fp32 / 740e9 bf16 on CPU, 989e12 on CUDA).
+    /// Peak FLOP/s of one rank the MFU is measured against (0: measured at start by a short
+    /// matrix-product probe on the run's device and dtype, cached per machine in
+    /// $FERROTUNE_HOME/peaks.json).
     pub peak_flops: f64,
+    /// AdamW's state with a bf16 model: fp32 (fp32 moments and fp32 master weights, 12 B a trainable
+    /// parameter) or bf16 (bf16 moments updating the bf16 weights directly, 4 B, as torch.optim.AdamW
+    /// on a bf16 model; small updates are lost to bf16 rounding). An fp32 model always keeps fp32 state.
+    pub optimizer_dtype: String,
     /// What backward keeps of each decoder layer: none (its whole graph), full (only its input; the
     /// layer runs again in backward: a third more compute for full fine-tuning, half for LoRA),
     /// selective (every `selective_every`-th layer as full, the others as none), or auto (full on
@@ -150,7 +157,7 @@ pub struct OutputSection {
 
 impl Default for ModelSection {
     fn default() -> Self {
-        ModelSection { path: PathBuf::new(), dtype: "fp32".into(), device: "cpu".into(), template: "auto".into() }
+        ModelSection { path: PathBuf::new(), dtype: "auto".into(), device: "cpu".into(), template: "auto".into() }
     }
 }
 impl Default for DataSection {
@@ -189,6 +196,7 @@ impl Default for TrainSection {
             keep_checkpoints: 3,
             log_every: 1,
             peak_flops: 0.0,
+            optimizer_dtype: "fp32".into(),
             activation_checkpointing: "auto".into(),
             selective_every: 2,
             loss_chunk_tokens: 0,

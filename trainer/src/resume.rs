@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 /// runs, and the memory knobs whose result is the same step: sharding, checkpointing, loss chunks,
 /// buckets, micro-batch size at a fixed batch size). Any other difference from the checkpoint's config
 /// is refused.
-const RESUMABLE: [&str; 15] = [
+const RESUMABLE: [&str; 16] = [
     "eval.",
+    "model.dtype", // checked as the dtype it resolves to, against the checkpoint's (below)
     "train.log_every",
     "train.peak_flops",
     "model.device",
@@ -70,6 +71,8 @@ pub(crate) fn check_resume(cfg: &RunConfig, dir: &Path) -> Result<()> {
         });
     }
     let state = checkpoint::read_state(dir)?;
+    let old_dtype = old.iter().find(|(k, _)| k == "model.dtype").map(|(_, v)| v.trim_matches('"').to_string());
+    check_dtype(cfg, state.compute_dtype.as_deref(), old_dtype.as_deref(), dir)?;
     if let Some(want) = &state.train_data_sha256 {
         let got = ferrotune_data::cache::sha256_file(&cfg.data.train).map_err(|e| Error::Invalid(e.to_string()))?;
         if &got != want {
@@ -85,6 +88,29 @@ pub(crate) fn check_resume(cfg: &RunConfig, dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A resume computes in the dtype the checkpoint was trained in: `model.dtype` may be spelled
+/// differently (auto, bf16) as long as it resolves to that dtype here. A checkpoint from before the
+/// dtype was recorded needs the same `model.dtype` as it was written with.
+fn check_dtype(cfg: &RunConfig, trained: Option<&str>, old: Option<&str>, dir: &Path) -> Result<()> {
+    let device = crate::train::parse_device(&cfg.model.device)?;
+    let (kind, why) = crate::resolve_dtype(&cfg.model.dtype, device)?;
+    let now = crate::kind_name(kind);
+    let refuse = |was: &str| {
+        Error::Checkpoint {
+        path: dir.join("state.json"),
+        msg: format!(
+            "--resume in another dtype: the checkpoint was trained in {was}, and model.dtype = \"{}\" computes in {now} here ({why}); hint: --set model.dtype={was}",
+            cfg.model.dtype
+        ),
+    }
+    };
+    match (trained, old) {
+        (Some(was), _) if was != now => Err(refuse(was)),
+        (None, Some(was)) if was != cfg.model.dtype => Err(refuse(was)),
+        _ => Ok(()),
+    }
 }
 
 /// The run's newest complete checkpoint, after checking that `--resume` (or its absence) fits it.

@@ -18,10 +18,9 @@ use crate::evaluation::{self, EarlyStop, Validation};
 use crate::layerwise::{self, StepOptions};
 use crate::learner::Trainer;
 use crate::metrics::{Logger, PeakMemory};
-use crate::model::Llama;
 use crate::optim::{AdamWConfig, ShardOf};
 use crate::plan::{self, Plan, RunConfig};
-use crate::{memory, parse_kind};
+use crate::{memory, resolve_dtype};
 use crate::{resume, run_data};
 use ferrotune_data::cache::TokenCache;
 use ferrotune_data::encode::Encoder;
@@ -89,19 +88,6 @@ pub struct Outcome {
 /// Encoder (tokenizer + template) for the model of a run config.
 pub fn encoder_for(cfg: &RunConfig) -> Result<Encoder> {
     Encoder::from_model_dir(&cfg.model.path, &cfg.model.template).map_err(|e| Error::Invalid(e.to_string()))
-}
-
-/// Approximate FLOPs of one step: 2 per weight per token forward (decoder matmuls on every token,
-/// lm_head on trained tokens only), backward twice that for full fine-tuning and once (activation
-/// gradients only) for LoRA. Attention scores are left out.
-fn step_flops(m: &Llama, tokens: usize, trained: usize, lora: bool) -> f64 {
-    let c = &m.config;
-    let per_layer = c.hidden_size * c.head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
-        + 3 * c.hidden_size * c.intermediate_size;
-    let decoder = (per_layer * c.num_hidden_layers) as f64;
-    let head = (c.vocab_size * c.hidden_size) as f64;
-    let fwd = 2.0 * (decoder * tokens as f64 + head * trained as f64);
-    fwd * if lora { 2.0 } else { 3.0 }
 }
 
 /// Trains on this process's rank of `coll`; every rank calls it with the same config. The phases:
@@ -271,15 +257,7 @@ fn set_up<'a>(
     let (trainer, loader, step, last_loss, early) = load_and_resume(&cfg, &plan, train_cache, existing, opts, coll)?;
     let (kind, device) = (trainer.model.kind(), trainer.model.device());
     let t = &cfg.train;
-    let peak = if t.peak_flops > 0.0 {
-        t.peak_flops
-    } else if device.is_cuda() {
-        989e12
-    } else if kind == Kind::BFloat16 {
-        740e9
-    } else {
-        170e9
-    };
+    let peak = mfu_peak(t.peak_flops, device, kind, coll)?;
     let (layers, tied) = (trainer.model.layers.len(), trainer.model.config.tie_word_embeddings);
     let buckets = GradBuckets::new(&trainer.opt, layers, t.bucket_bytes(), plan.shard, tied);
     log_sharding(&plan, &trainer.opt, buckets.len(), coll)?;
@@ -318,6 +296,36 @@ fn set_up<'a>(
     })
 }
 
+/// The MFU's denominator, one rank's peak FLOP/s: `train.peak_flops` when set, else the matrix-product
+/// rate measured on rank 0's device in the compute dtype (cached per machine, `hardware::peak`) and
+/// shared with the other ranks. Rank 0 logs it with where it came from.
+fn mfu_peak(configured: f64, device: Device, kind: Kind, coll: &mut dyn Collective) -> Result<f64> {
+    if configured > 0.0 {
+        if coll.rank() == 0 {
+            tracing::info!("MFU peak: {:.3} TFLOP/s per rank (train.peak_flops)", configured / 1e12);
+        }
+        return Ok(configured);
+    }
+    let mut peak = [0.0];
+    if coll.rank() == 0 {
+        let cache = crate::hardware::peak_cache();
+        let p = crate::hardware::peak(device, kind, &cache)?;
+        let how = if p.cached {
+            format!("measured earlier on this machine, cached in {}", cache.display())
+        } else {
+            format!("measured now: best of 4 products of {n}x{n}", n = p.n)
+        };
+        tracing::info!(
+            "MFU peak: {:.3} TFLOP/s per rank, {} matrix products on {device:?} ({how}); set train.peak_flops to use a datasheet figure",
+            p.flops / 1e12,
+            crate::kind_name(kind)
+        );
+        peak[0] = p.flops;
+    }
+    coll.all_reduce_f64(&mut peak)?;
+    Ok(peak[0])
+}
+
 /// The plan and the step's options; rank 0 saves the plan and config with the run and prints them
 /// with the predicted peak memory (returned), warning when it exceeds the device.
 fn resolve_plan(
@@ -327,7 +335,8 @@ fn resolve_plan(
     world: usize,
     lead: bool,
 ) -> Result<(Plan, StepOptions, Option<f64>)> {
-    let (kind, device) = (parse_kind(&cfg.model.dtype)?, parse_device(&cfg.model.device)?);
+    let device = parse_device(&cfg.model.device)?;
+    let (kind, why) = resolve_dtype(&cfg.model.dtype, device)?;
     let plan: Plan = plan::resolve(cfg.clone(), train_cache.rows(), world)?;
     let arch = crate::LlamaConfig::from_dir(&cfg.model.path)?;
     let step_opts = StepOptions {
@@ -347,6 +356,7 @@ fn resolve_plan(
     inputs.trained = most.map(|n| n * cfg.train.micro_batch_size);
     let predicted = memory::predict(&inputs);
     log_plan(&plan, cfg, &step_opts, &predicted);
+    tracing::info!("compute dtype {} ({why})", crate::kind_name(kind));
     if let Some(total) = crate::metrics::device_total_bytes(device).map(|b| b as f64).filter(|&t| predicted.total > t) {
         let knobs: Vec<String> = memory::knobs_that_fit(&inputs, total).iter().map(|k| k.set.join(" ")).collect();
         tracing::warn!(
@@ -371,11 +381,19 @@ fn load_and_resume<'a>(
     coll: &mut dyn Collective,
 ) -> Result<(Trainer, Loader<'a>, u64, f64, EarlyStop)> {
     let t = &cfg.train;
-    let (kind, device) = (parse_kind(&cfg.model.dtype)?, usable_device(&cfg.model.device)?);
+    let device = usable_device(&cfg.model.device)?;
+    let kind = resolve_dtype(&cfg.model.dtype, device)?.0;
     let adamw = AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay };
     let (rank, world) = (coll.rank(), coll.world());
     let shard = if plan.shard == Shard::None { ShardOf::ALL } else { ShardOf { rank, world } };
     let mut trainer = Trainer::new(&cfg.model.path, kind, device, plan.lora.clone(), adamw, t.seed, shard)?;
+    if t.optimizer_dtype == "bf16" {
+        if kind == Kind::BFloat16 {
+            trainer.opt.use_bf16_state()?;
+        } else if coll.rank() == 0 {
+            tracing::warn!("train.optimizer_dtype = bf16 is ignored: model.dtype = auto chose fp32 on this machine, whose state is fp32");
+        }
+    }
     let mut everything = trainer.model.named_parameters().into_iter().map(|(_, p)| p).collect::<Vec<_>>();
     everything.extend(trainer.trainable.iter().map(|(_, p)| p.shallow_clone()));
     dist::verify_same_weights(coll, &everything)?;
@@ -458,13 +476,18 @@ fn one_step(run: &mut Run, coll: &mut dyn Collective) -> Result<StepDone> {
         (0..plan.grad_accum).map(|_| to_tensors(&run.loader.next_batch(), run.device)).collect();
     // The loss of the step is divided by its trained tokens over all ranks and micro-batches.
     // With it, whether any rank was interrupted: all ranks stop after the same step.
-    let mut trained =
-        [batches.iter().map(|b| b.trained).sum::<usize>() as f64, f64::from(u8::from(crate::interrupt::requested()))];
+    // And the attended (query, key) pairs, for the step's FLOPs.
+    let pairs: f64 = batches.iter().map(|b| b.attend.pairs(b.ids.size()[0] as usize, b.ids.size()[1] as usize)).sum();
+    let mut trained = [
+        batches.iter().map(|b| b.trained).sum::<usize>() as f64,
+        f64::from(u8::from(crate::interrupt::requested())),
+        pairs,
+    ];
     let waited = Instant::now(); // here the other ranks wait out rank 0's checkpoints
     coll.all_reduce_f64(&mut trained)?;
     let waited = waited.elapsed();
     run.interrupted = trained[1] > 0.0;
-    let trained = trained[0] as usize;
+    let (trained, pairs) = (trained[0] as usize, trained[2]);
     let denom = trained.max(1) as f64;
     let mut loss_sum = Tensor::zeros([], (Kind::Float, run.device));
     let last = batches.len() - 1;
@@ -526,7 +549,8 @@ fn one_step(run: &mut Run, coll: &mut dyn Collective) -> Result<StepDone> {
     let w = &mut run.window;
     w.tokens += plan.tokens_per_step;
     w.trained += trained;
-    w.flops += step_flops(&run.trainer.model, plan.tokens_per_step, trained, plan.lora.is_some());
+    let adapters = plan.lora.is_some().then(|| run.trainer.trainable.iter().map(|(_, t)| t.numel()).sum());
+    w.flops += crate::flops::step_flops(&run.trainer.model.config, plan.tokens_per_step, trained, pairs, adapters);
     Ok(StepDone { loss, lr, grad_norm })
 }
 
@@ -633,6 +657,7 @@ fn checkpoint_if_due(run: &Run, stopping: bool, coll: &mut dyn Collective) -> Re
         world: run.world,
         early: run.early,
         train_data_sha256: Some(run.loader_source_sha.clone()),
+        compute_dtype: Some(crate::kind_name(run.trainer.model.kind()).into()),
     };
     let (trainer, lead, sharded) = (&run.trainer, run.lead, run.plan.shard != Shard::None);
     let write = |d: &Path| -> Result<()> {

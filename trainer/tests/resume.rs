@@ -66,11 +66,16 @@ fn losses(run_dir: &Path) -> Vec<(u64, f64)> {
 }
 
 fn check_resume(lora: bool, dtype: &str, checkpointing: &str) {
+    check_resume_with(lora, dtype, checkpointing, &|_| {});
+}
+
+fn check_resume_with(lora: bool, dtype: &str, checkpointing: &str, edit: &dyn Fn(&mut RunConfig)) -> tempfile::TempDir {
     let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let with = |name: &str| {
         let mut c = config(tmp.path(), name, lora, dtype);
         c.train.activation_checkpointing = checkpointing.into();
+        edit(&mut c);
         c
     };
     let straight = run(&with("straight"), false, None);
@@ -87,6 +92,8 @@ fn check_resume(lora: bool, dtype: &str, checkpointing: &str) {
     let wa = std::fs::read(straight.run_dir.join(file)).unwrap();
     let wb = std::fs::read(second.run_dir.join(file)).unwrap();
     assert!(wa == wb, "final weights differ");
+    drop(_rng);
+    tmp
 }
 
 /// A run that dies at step 13 with its last checkpoint at step 10 (simulated by deleting the checkpoint
@@ -116,6 +123,46 @@ fn a_crash_after_the_last_checkpoint_leaves_no_repeated_steps() {
     let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
     let gb = last["train/peak_mem_gb"].as_f64().unwrap();
     assert!(gb > 0.1 && gb < 24.0, "{gb}");
+}
+
+/// bf16 optimizer state (`train.optimizer_dtype = "bf16"`: bf16 moments, no fp32 masters) is saved
+/// in bf16 and resumes exactly; a resume in another compute dtype is refused, naming both, while
+/// `auto` resumes where it resolves to the checkpoint's dtype on this machine.
+#[test]
+fn bf16_optimizer_state_resumes_exactly_and_the_dtype_cannot_change_on_resume() {
+    let tmp = check_resume_with(false, "bf16", "none", &|c| c.train.optimizer_dtype = "bf16".into());
+    let ckpt = tmp.path().join("runs/split/checkpoints/step-10");
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("optimizer.json")).unwrap()).unwrap();
+    assert_eq!(index["masters"], false);
+    let slice = std::fs::read(ckpt.join("optimizer.rank0.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&slice).unwrap();
+    assert_eq!(st.tensor("exp_avg").unwrap().dtype(), safetensors::Dtype::BF16);
+    assert!(st.tensor("master").is_err());
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["compute_dtype"], "bf16");
+
+    // `auto` continues the bf16 run where it resolves to bf16 here, and is refused where it does not.
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    std::fs::remove_dir_all(tmp.path().join("runs/split/checkpoints/step-20")).unwrap();
+    let mut c = config(tmp.path(), "split", false, "auto");
+    c.train.optimizer_dtype = "bf16".into();
+    let resumed = |c: &RunConfig| {
+        let mut log = Jsonl::open(&c.output.dir.join(&c.output.run_name).join("metrics.jsonl")).unwrap();
+        train(c.clone(), RunOptions::new(true, None), &mut ferrotune_trainer::dist::Single, &mut log).map(|o| o.steps)
+    };
+    match ferrotune_trainer::resolve_dtype("auto", tch::Device::Cpu).unwrap().0 {
+        tch::Kind::BFloat16 => assert_eq!(resumed(&c).unwrap(), 20),
+        _ => assert!(resumed(&c).unwrap_err().to_string().contains("computes in fp32 here")),
+    }
+    // A bf16 run (fp32 state) stopped at step 2 and resumed in fp32: refused, naming both dtypes.
+    let mut c = config(tmp.path(), "in-bf16", false, "bf16");
+    c.train.max_steps = 4;
+    run(&c, false, Some(2));
+    c.model.dtype = "fp32".into();
+    let err = resumed(&c).unwrap_err().to_string();
+    assert!(err.contains("trained in bf16") && err.contains("--set model.dtype=bf16"), "{err}");
 }
 
 #[test]

@@ -8,13 +8,16 @@ use ferrotune_data::mask::{MaskOptions, Strategy};
 use ferrotune_data::pack::Overlong;
 use ferrotune_data::prepare::{prepare_to_file, PrepareOptions};
 use ferrotune_trainer::train::usable_device;
-use ferrotune_trainer::{eval, load_model, lora, parse_kind, weights, Llama};
+use ferrotune_trainer::{eval, load_model, lora, parse_kind, resolve_dtype, weights, Llama};
 use std::io::Write;
 use std::path::Path;
 
 fn model_with_adapter(dir: &Path, adapter: Option<&Path>, dtype: &str, device: &str) -> Result<Llama> {
-    let mut model =
-        load_model(dir, parse_kind(dtype)?, usable_device(device).context("--device")?).context("loading the model")?;
+    let mut model = {
+        let device = usable_device(device).context("--device")?;
+        load_model(dir, resolve_dtype(dtype, device).context("--dtype")?.0, device)
+    }
+    .context("loading the model")?;
     if let Some(a) = adapter {
         lora::load_adapter(&mut model, a)
             .map_err(anyhow::Error::msg)

@@ -5,12 +5,13 @@ use anyhow::{Context, Result};
 use ferrotune::cli::GenerateArgs;
 use ferrotune_data::{ChatTemplate, Message, Tokenizer};
 use ferrotune_trainer::train::usable_device;
-use ferrotune_trainer::{generate, load_model, parse_kind};
+use ferrotune_trainer::{generate, load_model, resolve_dtype};
 use std::time::Instant;
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let kind = parse_kind(&args.dtype)?;
     let device = usable_device(&args.device).context("--device")?;
+    let (kind, why) = resolve_dtype(&args.dtype, device).context("--dtype")?;
+    tracing::info!("compute dtype {} ({why})", ferrotune_trainer::kind_name(kind));
     let t0 = Instant::now();
     let model = load_model(&args.model, kind, device).context("loading the model")?;
     let tokenizer = Tokenizer::from_dir(&args.model)?;

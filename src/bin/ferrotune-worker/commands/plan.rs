@@ -9,7 +9,7 @@ use ferrotune_trainer::layerwise::loss_chunk_for;
 use ferrotune_trainer::memory;
 use ferrotune_trainer::plan::{self, RunConfig};
 use ferrotune_trainer::train::parse_device;
-use ferrotune_trainer::{parse_kind, LlamaConfig};
+use ferrotune_trainer::{resolve_dtype, LlamaConfig};
 
 pub fn run(args: PlanArgs) -> Result<()> {
     let cfg = RunConfig::load(Some(&args.config), &args.set)?;
@@ -18,8 +18,8 @@ pub fn run(args: PlanArgs) -> Result<()> {
     }
     let arch = LlamaConfig::from_dir(&cfg.model.path)
         .with_context(|| "reading the architecture named by config key `model.path`".to_string())?;
-    let kind = parse_kind(&cfg.model.dtype)?;
     let device = parse_device(&cfg.model.device)?;
+    let (kind, why) = resolve_dtype(&cfg.model.dtype, device)?;
     // The data is not read: one step's worth of rows stands in for it (memory does not depend on it).
     let rows = cfg.train.batch_size.max(cfg.train.micro_batch_size * args.world).max(1);
     let p = plan::resolve(cfg.clone(), rows, args.world)?;
@@ -36,7 +36,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
     let knobs = if predicted.total > budget { memory::knobs_that_fit(&inputs, budget) } else { vec![] };
     if args.json {
         let v = serde_json::json!({
-            "parts": predicted.parts, "predicted_bytes": predicted.total, "device_bytes": budget,
+            "dtype": ferrotune_trainer::kind_name(kind), "parts": predicted.parts, "predicted_bytes": predicted.total, "device_bytes": budget,
             "fits": predicted.total <= budget, "knobs": knobs,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -47,10 +47,10 @@ pub fn run(args: PlanArgs) -> Result<()> {
         None => "full fine-tuning".into(),
     };
     println!(
-        "{}: {:.3e} parameters, {method}, {}, {} row(s) of {} tokens per micro-batch, activation checkpointing {:?}, loss chunks of {chunk}, {} rank(s)",
+        "{}: {:.3e} parameters, {method}, {} ({why}), {} row(s) of {} tokens per micro-batch, activation checkpointing {:?}, loss chunks of {chunk}, {} rank(s)",
         cfg.model.path.display(),
         arch.num_parameters() as f64,
-        cfg.model.dtype,
+        ferrotune_trainer::kind_name(kind),
         cfg.train.micro_batch_size,
         cfg.data.max_seq_len,
         p.checkpointing,
