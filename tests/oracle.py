@@ -1,6 +1,7 @@
 """Hugging Face reference computations for ferrotune's tests (the oracle). Tests write their inputs,
 call this script with the project's venv python, and compare ferrotune's numbers with what it writes.
-Everything runs on CPU with transformers' default attention, in fp32 unless ORACLE_DTYPE=bfloat16;
+Everything runs on CPU with transformers' default attention, in fp32 unless ORACLE_DTYPE=bfloat16
+(ORACLE_ATTENTION_FP32=1: bf16 with attention computed in fp32, as ferrotune does on CPU for short rows);
 ORACLE_ADAPTER=DIR puts a peft adapter on the model for `forward`; ORACLE_DEVICE=cuda (or cuda:N) runs
 the model computations on that GPU instead (scripts/gpu-check), inputs moved there and results back.
 
@@ -45,9 +46,26 @@ from transformers import AutoModelForCausalLM
 DEVICE = os.environ.get("ORACLE_DEVICE", "cpu")
 
 
+def sdpa_in_fp32(module, query, key, value, attention_mask, **kwargs):
+    """transformers' own sdpa attention on fp32 copies of q, k, v, the output cast back: what ferrotune
+    computes for bf16 attention of short sequences on CPU (model.rs, CPU_BF16_ATTENTION_FROM)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    f = lambda t: t.float()
+    mask = attention_mask if attention_mask is None or attention_mask.dtype == torch.bool else attention_mask.float()
+    out, weights = sdpa_attention_forward(module, f(query), f(key), f(value), mask, **kwargs)
+    return out.to(query.dtype), weights
+
+
 def load(model_dir):
     dtype = getattr(torch, os.environ.get("ORACLE_DTYPE", "float32"))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(DEVICE)
+    kwargs = {}
+    if os.environ.get("ORACLE_ATTENTION_FP32") == "1":
+        from transformers import AttentionInterface
+
+        AttentionInterface.register("sdpa_fp32", sdpa_in_fp32)
+        kwargs["attn_implementation"] = "sdpa_fp32"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs).to(DEVICE)
     model.eval()
     return model
 

@@ -68,21 +68,15 @@ pub fn resolve_dtype(name: &str, device: Device) -> Result<(Kind, String)> {
     if name != "auto" {
         return Ok((parse_kind(name)?, format!("{name} as configured")));
     }
-    let gpu =
-        match device {
-            Device::Cuda(n) => match hardware::gpus().ok().and_then(|(g, _)| g.into_iter().nth(n)) {
-                Some(g) => Some((g.name, g.compute_capability)),
-                // Only `ferrotune plan` gets here (training checks the device first): it plans for a GPU
-                // this host cannot see, and every current training GPU computes in bf16.
-                None => return Ok((
-                    Kind::BFloat16,
-                    format!(
-                        "auto: bf16, assumed for cuda:{n}, which this host cannot see to ask its compute capability"
-                    ),
-                )),
-            },
-            _ => None,
-        };
+    let Device::Cuda(n) = device else { return Ok(auto_dtype(&hardware::Cpu::detect(), None)) };
+    let gpu = hardware::gpus().ok().and_then(|(g, _)| g.into_iter().nth(n));
+    // Only `ferrotune plan` finds no GPU (training checks the device first): it plans for a GPU this
+    // host cannot see, and every current training GPU computes in bf16.
+    let Some(g) = gpu else {
+        let why = format!("auto: bf16, assumed for cuda:{n}, which this host cannot see to ask its compute capability");
+        return Ok((Kind::BFloat16, why));
+    };
+    let gpu = Some((g.name, g.compute_capability));
     Ok(auto_dtype(&hardware::Cpu::detect(), gpu))
 }
 

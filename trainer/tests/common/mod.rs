@@ -53,13 +53,24 @@ pub fn hf_forward(model: &Path, inputs: &[(&str, &Tensor)], grads: &[&str]) -> H
 
 /// `hf_forward` with the model in `dtype`.
 pub fn hf_forward_in(model: &Path, inputs: &[(&str, &Tensor)], grads: &[&str], dtype: &str) -> HashMap<String, Tensor> {
+    hf_forward_env(model, inputs, grads, dtype, &[])
+}
+
+/// `hf_forward_in` with extra ORACLE_* settings (e.g. ORACLE_ATTENTION_FP32).
+pub fn hf_forward_env(
+    model: &Path,
+    inputs: &[(&str, &Tensor)],
+    grads: &[&str],
+    dtype: &str,
+    env: &[(&str, &str)],
+) -> HashMap<String, Tensor> {
     let dir = tempfile::tempdir().unwrap();
     let inp = dir.path().join("in.safetensors");
     let out = dir.path().join("out.safetensors");
     Tensor::write_safetensors(inputs, &inp).unwrap();
     let mut args = vec!["forward", model.to_str().unwrap(), inp.to_str().unwrap(), out.to_str().unwrap()];
     args.extend_from_slice(grads);
-    oracle_in(&args, dtype);
+    oracle_with(&args, dtype, env);
     Tensor::read_safetensors(&out).unwrap().into_iter().collect()
 }
 
