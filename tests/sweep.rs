@@ -152,7 +152,7 @@ fn tiny_sweep(tmp: &Path, extra: &str, grid: &str) -> PathBuf {
     std::fs::write(&data, lines.join("\n") + "\n").unwrap();
     std::fs::write(
         tmp.join("run.toml"),
-        "[model]\ntemplate = \"llama3\"\n[data]\nmax_seq_len = 64\n[train]\nmax_steps = 40\nbatch_size = 2\nn_checkpoints = 10\nkeep_checkpoints = 0\nlog_every = 1\n[output]\nrun_name = \"x\"\n",
+        "[model]\ntemplate = \"llama3\"\ndtype = \"fp32\"\n[data]\nmax_seq_len = 64\n[train]\nmax_steps = 40\nbatch_size = 2\nn_checkpoints = 10\nkeep_checkpoints = 0\nlog_every = 1\n[output]\nrun_name = \"x\"\n",
     )
     .unwrap();
     let sweep = tmp.join("sweep.toml");
