@@ -267,7 +267,7 @@ fn bf16_compute_equals_transformers_bf16() {
     let input = batch(model.config.vocab_size, 2, 24, 3);
     let ours = tch::no_grad(|| model.logits(&model.forward(&input, &positions(2, 24), None, None)));
     assert_eq!(ours.kind(), Kind::BFloat16);
-    assert!(24 < ferrotune_trainer::model::CPU_BF16_ATTENTION_FROM);
+    const { assert!(24 < ferrotune_trainer::model::CPU_BF16_ATTENTION_FROM) };
     let env = [("ORACLE_ATTENTION_FP32", "1")];
     let hf = hf_forward_env(&dir, &[("input_ids", &input)], &[], "bfloat16", &env);
     let diff = max_abs_diff(&ours, &hf["logits"]);
