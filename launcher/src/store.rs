@@ -3,6 +3,7 @@
 //! torchrun or Slurm), and the client every worker and launcher uses. Each connection first presents
 //! the job's token (the run id), so two jobs pointed at one port cannot mix, and a restart generation
 //! that prefixes every key, so a restarted job never reads the values of the attempt before it.
+//! The server is one thread running an event loop for every connection; the client is blocking.
 //! Frames are a u32 length then JSON. This is for small values (addresses, ids, counters); tensors
 //! travel on the collectives' own connections, never through here.
 
@@ -10,9 +11,10 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -61,103 +63,181 @@ fn recv<T: for<'de> Deserialize<'de>>(s: &mut TcpStream) -> std::io::Result<T> {
     serde_json::from_slice(&body).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
+/// The store's contents, and who waits for which missing key.
 #[derive(Default)]
 struct State {
-    map: Mutex<HashMap<String, Vec<u8>>>,
-    changed: Condvar,
+    map: HashMap<String, Vec<u8>>,
+    /// Woken (and removed) when their key is set.
+    waiters: HashMap<String, Vec<oneshot::Sender<()>>>,
 }
 
-/// A running store; it stops serving when dropped.
+impl State {
+    fn insert(&mut self, key: String, value: Vec<u8>) {
+        if let Some(waiting) = self.waiters.remove(&key) {
+            for w in waiting {
+                let _ = w.send(());
+            }
+        }
+        self.map.insert(key, value);
+    }
+}
+
+type Shared = Arc<Mutex<State>>;
+
+/// The longest frame the store reads (values are addresses, ids and counters): a larger length is a
+/// client of another protocol or a corrupt stream, and closes that connection instead of allocating.
+const MAX_FRAME: usize = 16 << 20;
+
+/// A running store; it stops serving, and closes every connection, when dropped.
 pub struct StoreServer {
     pub port: u16,
-    stop: Arc<AtomicBool>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl StoreServer {
     /// Binds `host:port` (port 0 picks a free one) and serves connections presenting `token`.
+    ///
+    /// One thread runs an event loop (Tokio, single-threaded) that serves every connection: a thread per
+    /// connection cost 1,024 threads and 106 MiB for 1,024 ranks, and waking every waiter on every set
+    /// made a barrier quadratic (`launcher/tests/store_scale.rs`). Here a waiter waits on one missing key
+    /// at a time and only a set of that key wakes it.
     pub fn serve(host: &str, port: u16, token: &str) -> Result<Self> {
         let addr = format!("{host}:{port}");
         let listener = TcpListener::bind(&addr).map_err(|e| match e.kind() {
             std::io::ErrorKind::AddrInUse => StoreError::PortInUse { addr: addr.clone(), port },
             _ => StoreError::Io { addr: addr.clone(), msg: format!("cannot listen: {e}") },
         })?;
-        let port = listener.local_addr().map_err(|e| StoreError::Io { addr, msg: e.to_string() })?.port();
-        let stop = Arc::new(AtomicBool::new(false));
-        let state = Arc::new(State::default());
-        let (token, stop2) = (token.to_owned(), stop.clone());
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                if stop2.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(conn) = conn else { continue };
-                let (state, token) = (state.clone(), token.clone());
-                std::thread::spawn(move || serve_connection(conn, &state, &token));
-            }
-        });
-        Ok(StoreServer { port, stop })
+        let io = |e: std::io::Error| StoreError::Io { addr: addr.clone(), msg: e.to_string() };
+        let port = listener.local_addr().map_err(io)?.port();
+        listener.set_nonblocking(true).map_err(io)?;
+        raise_open_file_limit();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io)?;
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let token = token.to_owned();
+        let thread = std::thread::Builder::new()
+            .name("rendezvous-store".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
+                    let state = Shared::default();
+                    loop {
+                        tokio::select! {
+                            _ = &mut stopped => break,
+                            conn = listener.accept() => {
+                                // Accept errors (e.g. out of descriptors) are transient: the client retries.
+                                let Ok((conn, _)) = conn else { continue };
+                                tokio::spawn(serve_connection(conn, state.clone(), token.clone()));
+                            }
+                        }
+                    }
+                });
+                // Dropping the runtime here cancels every connection's task: their sockets close.
+            })
+            .map_err(io)?;
+        Ok(StoreServer { port, stop: Some(stop), thread: Some(thread) })
     }
 }
 
 impl Drop for StoreServer {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop so that it sees the flag.
-        let _ = TcpStream::connect_timeout(&([127, 0, 0, 1], self.port).into(), Duration::from_millis(200));
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
-fn serve_connection(mut conn: TcpStream, state: &State, token: &str) {
+/// Each connection holds a descriptor: a store for thousands of ranks needs more than the common soft
+/// limit of 1,024, so it raises its own soft limit to the hard one (what the user may allow anyway).
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+async fn read_frame<T: for<'de> Deserialize<'de>>(s: &mut tokio::net::TcpStream) -> std::io::Result<T> {
+    let len = s.read_u32_le().await? as usize;
+    if len > MAX_FRAME {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("frame of {len} bytes")));
+    }
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await?;
+    serde_json::from_slice(&body).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+async fn write_frame<T: Serialize>(s: &mut tokio::net::TcpStream, v: &T) -> std::io::Result<()> {
+    let body = serde_json::to_vec(v).expect("store frames serialize");
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&body);
+    s.write_all(&frame).await
+}
+
+async fn serve_connection(mut conn: tokio::net::TcpStream, state: Shared, token: String) {
     let _ = conn.set_nodelay(true);
-    match recv::<Request>(&mut conn) {
+    match read_frame::<Request>(&mut conn).await {
         Ok(Request::Hello { token: t }) if t == token => {
-            if send(&mut conn, &Response::Ok).is_err() {
+            if write_frame(&mut conn, &Response::Ok).await.is_err() {
                 return;
             }
         }
         Ok(Request::Hello { token: t }) => {
             let msg = format!("it serves run id `{token}`, this worker belongs to run id `{t}`; hint: another job uses this port: pick another --master-port, or the same --run-id to join that job");
-            let _ = send(&mut conn, &Response::Refused(msg));
+            let _ = write_frame(&mut conn, &Response::Refused(msg)).await;
             return;
         }
         _ => return,
     }
-    while let Ok(req) = recv::<Request>(&mut conn) {
+    while let Ok(req) = read_frame::<Request>(&mut conn).await {
         let resp = match req {
             Request::Hello { .. } => Response::Refused("hello sent twice".into()),
             Request::Set { key, value } => {
-                state.map.lock().unwrap().insert(key, value);
-                state.changed.notify_all();
+                state.lock().unwrap().insert(key, value);
                 Response::Ok
             }
-            Request::Get { key } => Response::Value(state.map.lock().unwrap().get(&key).cloned()),
+            Request::Get { key } => Response::Value(state.lock().unwrap().map.get(&key).cloned()),
             Request::Add { key, delta } => {
-                let mut map = state.map.lock().unwrap();
-                let old = map.get(&key).and_then(|v| std::str::from_utf8(v).ok()?.parse::<i64>().ok()).unwrap_or(0);
-                map.insert(key, (old + delta).to_string().into_bytes());
-                state.changed.notify_all();
+                let mut st = state.lock().unwrap();
+                let old = st.map.get(&key).and_then(|v| std::str::from_utf8(v).ok()?.parse::<i64>().ok()).unwrap_or(0);
+                st.insert(key, (old + delta).to_string().into_bytes());
                 Response::Count(old + delta)
             }
-            Request::Wait { keys, timeout_ms } => {
-                let deadline = Instant::now() + Duration::from_millis(timeout_ms);
-                let mut map = state.map.lock().unwrap();
-                loop {
-                    let missing: Vec<String> = keys.iter().filter(|k| !map.contains_key(*k)).cloned().collect();
-                    let now = Instant::now();
-                    if missing.is_empty() {
-                        break Response::Ok;
-                    }
-                    if now >= deadline {
-                        break Response::Missing(missing);
-                    }
-                    map = state.changed.wait_timeout(map, deadline - now).unwrap().0;
-                }
-            }
+            Request::Wait { keys, timeout_ms } => wait(&state, keys, timeout_ms).await,
         };
-        if send(&mut conn, &resp).is_err() {
+        if write_frame(&mut conn, &resp).await.is_err() {
             return;
         }
     }
+}
+
+/// Waits until every key is set, one missing key at a time (keys are never removed, so a key seen
+/// once stays), or answers with the keys still missing at the deadline.
+async fn wait(state: &Shared, keys: Vec<String>, timeout_ms: u64) -> Response {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+    for key in &keys {
+        let woken = {
+            let mut st = state.lock().unwrap();
+            if st.map.contains_key(key) {
+                continue;
+            }
+            let (tx, rx) = oneshot::channel();
+            st.waiters.entry(key.clone()).or_default().push(tx);
+            rx
+        };
+        if tokio::time::timeout_at(deadline, woken).await.is_err() {
+            let st = state.lock().unwrap();
+            return Response::Missing(keys.iter().filter(|k| !st.map.contains_key(*k)).cloned().collect());
+        }
+    }
+    Response::Ok
 }
 
 /// A connection to the store, with every key under `gen/<generation>/`.
@@ -261,16 +341,32 @@ impl StoreClient {
     /// Every member of `members` (e.g. the ranks) calls this with its own name; it returns once all
     /// have arrived, or times out naming who has not (`rank 1, rank 3`).
     pub fn barrier(&mut self, name: &str, me: &str, members: &[String], timeout: Duration) -> Result<()> {
-        self.set(&format!("barrier/{name}/{me}"), b"1")?;
-        let keys: Vec<String> = members.iter().map(|m| format!("barrier/{name}/{m}")).collect();
-        self.wait(&keys, timeout, &format!("barrier `{name}`")).map_err(|e| match e {
-            StoreError::Timeout { what, secs, missing } => StoreError::Timeout {
-                what,
-                secs,
-                missing: missing.split(", ").map(|k| k.rsplit('/').next().unwrap_or(k)).collect::<Vec<_>>().join(", "),
-            },
-            e => e,
-        })
+        // Each member leaves its own key (to name the missing later) and counts itself in; the last
+        // one to arrive sets `done`, the one key everyone waits for. A request per member, whatever
+        // the job's size; only a timeout sends the whole member list, once, to name who is missing.
+        let key = |m: &str| format!("barrier/{name}/member/{m}");
+        let done = format!("barrier/{name}/done");
+        self.set(&key(me), b"1")?;
+        if self.add(&format!("barrier/{name}/count"), 1)? == members.len() as i64 {
+            self.set(&done, b"1")?;
+        }
+        let what = format!("barrier `{name}`");
+        match self.wait(std::slice::from_ref(&done), timeout, &what) {
+            Err(StoreError::Timeout { secs, .. }) => {
+                let keys: Vec<String> = members.iter().map(|m| key(m)).collect();
+                let missing = match self.wait(&keys, Duration::ZERO, &what) {
+                    Err(StoreError::Timeout { missing, .. }) => missing
+                        .split(", ")
+                        .map(|k| k.strip_prefix(&format!("barrier/{name}/member/")).unwrap_or(k))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    // Everyone arrived just now: the count and `done` are on their way.
+                    _ => return self.wait(std::slice::from_ref(&done), timeout, &what),
+                };
+                Err(StoreError::Timeout { what, secs, missing })
+            }
+            other => other,
+        }
     }
 }
 
