@@ -70,6 +70,9 @@ pub enum ProbeCommand {
     /// The first N packed rows a 1-rank `train` reads from a prepared cache, as a safetensors file for a
     /// reference loop (input_ids, position_ids, doc_ids, labels, labels_hf).
     Rows(ProbeRowsArgs),
+    /// The run directory a train command's config resolves to (output.dir/output.run_name, after the
+    /// environment and --set layers), printed alone on a line; `launch` keeps its logs there.
+    RunDir(TrainArgs),
 }
 
 /// The device and dtype a probe computes in.
@@ -429,9 +432,11 @@ pub struct LaunchArgs {
     /// Job identifier every node must share; a process of another job on the same port is refused.
     #[arg(long, default_value = "ferrotune", value_name = "ID")]
     pub run_id: String,
-    /// Directory for the per-rank log files (rank-N.log).
-    #[arg(long, default_value = "ferrotune-logs", value_name = "DIR")]
-    pub log_dir: PathBuf,
+    /// Directory for the per-rank log files, one folder per attempt (attempt-K/rank-N.log, K counting
+    /// on across launches and restarts, so nothing is overwritten). Default: `logs/` in the run
+    /// directory the train config resolves to (output.dir/output.run_name).
+    #[arg(long, value_name = "DIR")]
+    pub log_dir: Option<PathBuf>,
     /// Seconds nodes and ranks wait for each other before failing with the names of the missing.
     #[arg(long, default_value_t = 1800, value_name = "S")]
     pub timeout: u64,

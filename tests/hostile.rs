@@ -143,3 +143,42 @@ fn an_output_that_is_an_input_is_refused() {
     }
     assert_eq!(std::fs::read(&data).unwrap(), before);
 }
+
+/// A symbolic link loop (as data, as model.path) and a token cache given where data is expected are
+/// each named as what they are, not as an OS error number, "not a directory" or invalid JSON.
+#[test]
+fn link_loops_and_token_caches_given_as_data_are_named_as_such() {
+    let job = job(&[]);
+    let d = job.dir.path();
+    std::os::unix::fs::symlink("loop-b", d.join("loop-a")).unwrap();
+    std::os::unix::fs::symlink("loop-a", d.join("loop-b")).unwrap();
+    let looped = d.join("loop-a");
+    let data = format!("data.train={}", looped.display());
+    fails_cleanly(
+        ferrotune().args(job.train_args("out")).args(["--set", &data]).output().unwrap(),
+        "is a symbolic link loop (",
+    );
+    fails_cleanly(ferrotune().arg("check").arg(&looped).output().unwrap(), "is a symbolic link loop (");
+    let model = format!("model.path={}", looped.display());
+    let o = ferrotune().args(job.train_args("out")).args(["--set", &model]).output().unwrap();
+    fails_cleanly(o, "`model.path`");
+    let o = ferrotune().args(job.train_args("out")).args(["--set", &model]).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is a symbolic link loop ("));
+
+    let train = d.join("train.jsonl");
+    let cache = d.join("train.ftcache");
+    let o = ferrotune()
+        .arg("prepare")
+        .arg(&train)
+        .arg("--model")
+        .arg(fixtures::ensure("tiny-llama"))
+        .args(["--template", "llama3", "--max-seq-len", "64", "--out"])
+        .arg(&cache)
+        .output()
+        .unwrap();
+    ok(o);
+    let given = format!("data.train={}", cache.display());
+    let from = format!("is a token cache made by `ferrotune prepare` from {}", train.display());
+    fails_cleanly(ferrotune().args(job.train_args("out")).args(["--set", &given]).output().unwrap(), &from);
+    fails_cleanly(ferrotune().arg("check").arg(&cache).output().unwrap(), &from);
+}

@@ -35,9 +35,9 @@ fn two_ranks_equal_one(extra: &[&str], weights_dir: &str) {
     let d = max_diff(&tensors(&j.run_dir("one").join(weights_dir)), &tensors(&j.run_dir("two").join(weights_dir)));
     println!("max weight difference 1 rank vs 2 ranks: {d:e}");
     assert!(d <= 1e-6, "final weights differ by {d}");
-    // Per-rank logs were kept.
+    // Per-rank logs were kept, in the first attempt's folder.
     for r in 0..2 {
-        assert!(j.dir.path().join(format!("two-logs/rank-{r}.log")).exists());
+        assert!(j.dir.path().join(format!("two-logs/attempt-0/rank-{r}.log")).exists());
     }
 }
 
@@ -48,7 +48,7 @@ fn lora_two_ranks_equal_one_rank_with_twice_the_batch() {
 
 #[test]
 fn full_fine_tuning_two_ranks_equal_one_rank_with_twice_the_batch() {
-    two_ranks_equal_one(&["lora.enabled=false", "train.lr=1e-4"], "model");
+    two_ranks_equal_one(&["lora.enabled=false", "train.lr=1e-4", "output.save_dtype=fp32"], "model");
 }
 
 #[test]
@@ -153,6 +153,11 @@ fn a_killed_worker_stops_the_job_and_a_restart_resumes_to_the_same_loss() {
     let (o, _) = kill_rank_1(&j, "restarted", "1");
     let (out, err) = ok(o);
     assert!(err.contains("restarting every worker (attempt 1 of 1)"), "{err}");
+    // Each attempt logged into its own folder: the killed attempt's logs are still there.
+    let logs = j.dir.path().join("restarted-logs");
+    let first = std::fs::read_to_string(logs.join("attempt-0/rank-0.log")).unwrap();
+    assert!(first.contains("attempt 0 of this launch") && first.contains("step 20/"), "{first}");
+    assert!(logs.join("attempt-1/rank-1.log").exists());
     assert!(out.contains("resumed from") || err.contains("resumed from"), "{out}\n{err}");
     let port = free_port().to_string();
     let mut c = launch(&j, "whole", &["--nproc-per-node".into(), "2".into(), "--master-port".into(), port]);
@@ -230,4 +235,31 @@ fn sigterm_to_the_launcher_stops_every_worker() {
     assert!(sent.elapsed() < Duration::from_secs(10), "took {:?}", sent.elapsed());
     let leftovers = Command::new("pgrep").args(["-f", "ferrotune-worker train.*term"]).output().unwrap();
     assert!(leftovers.stdout.is_empty(), "orphaned workers: {}", String::from_utf8_lossy(&leftovers.stdout));
+}
+
+/// Without --log-dir the logs live in the run directory, a folder per attempt, and a second launch of
+/// the same run (here `--resume`) writes the next folder instead of overwriting the first; a config the
+/// workers would refuse is refused before any worker starts.
+#[test]
+fn launch_logs_stay_with_the_run_one_folder_per_attempt() {
+    let j = job(&[]);
+    let port = free_port().to_string();
+    let launch_in = |extra: &[&str]| {
+        let mut c = ferrotune();
+        c.args(["launch", "--nproc-per-node", "2", "--master-port", &port, "--"]).args(j.train_args("run"));
+        c.args(extra);
+        c
+    };
+    ok(launch_in(&["--stop-after-steps", "3"]).output().unwrap());
+    let logs = j.run_dir("run").join("logs");
+    let first = std::fs::read_to_string(logs.join("attempt-0/rank-1.log")).unwrap();
+    assert!(first.contains("rank 1 done: 3 steps"), "{first}");
+    ok(launch_in(&["--resume"]).output().unwrap());
+    assert_eq!(std::fs::read_to_string(logs.join("attempt-0/rank-1.log")).unwrap(), first);
+    let second = std::fs::read_to_string(logs.join("attempt-1/rank-1.log")).unwrap();
+    assert!(second.contains("rank 1 done: 6 steps"), "{second}");
+
+    let o = launch_in(&["--set", "train.lr=-1"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("train.lr") && !err.contains("[rank"), "{err}");
 }

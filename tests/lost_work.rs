@@ -114,3 +114,37 @@ fn only_the_newest_checkpoints_are_kept() {
     kept.sort();
     assert_eq!(kept, ["step-10", "step-12"]);
 }
+
+/// The dtypes of every tensor in the safetensors files of `dir`.
+fn stored_dtypes(dir: &std::path::Path) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "safetensors") {
+            let bytes = std::fs::read(&p).unwrap();
+            for (_, t) in safetensors::SafeTensors::deserialize(&bytes).unwrap().tensors() {
+                out.insert(format!("{:?}", t.dtype()));
+            }
+        }
+    }
+    out
+}
+
+/// Full fine-tuning in fp32 of a checkpoint stored in bf16 (the tiny Llama fixture) exports bf16 by
+/// default, as the checkpoint was, not twice its size in fp32; `output.save_dtype` asks for another.
+#[test]
+fn full_fine_tuning_exports_in_the_checkpoints_dtype_unless_asked() {
+    let j = job(&["lora.enabled=false", "train.max_steps=2", "train.lr=1e-4"]);
+    let base = ferrotune_data::fixtures::ensure("tiny-llama");
+    assert_eq!(stored_dtypes(&base), ["BF16".to_string()].into());
+    ok(common::ferrotune().args(j.train_args("auto")).output().unwrap());
+    let model = j.run_dir("auto").join("model");
+    assert_eq!(stored_dtypes(&model), ["BF16".to_string()].into());
+    let config = std::fs::read_to_string(model.join("config.json")).unwrap();
+    assert!(config.contains("\"dtype\": \"bfloat16\""), "{config}");
+    ok(common::ferrotune().args(j.train_args("fp32")).args(["--set", "output.save_dtype=fp32"]).output().unwrap());
+    assert_eq!(stored_dtypes(&j.run_dir("fp32").join("model")), ["F32".to_string()].into());
+    let o = common::ferrotune().args(j.train_args("bad")).args(["--set", "output.save_dtype=fp16"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("output.save_dtype") && err.contains("`fp16`"), "{err}");
+}

@@ -127,6 +127,11 @@ pub struct TokenCache {
     lens_at: usize,
 }
 
+/// Whether `bytes` (a file's first bytes) start a token cache.
+pub fn is_token_cache(bytes: &[u8]) -> bool {
+    bytes.starts_with(MAGIC)
+}
+
 impl TokenCache {
     pub fn open(path: &Path) -> Result<Self> {
         let stale =

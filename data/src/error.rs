@@ -20,7 +20,10 @@ pub type Result<T, E = DataError> = std::result::Result<T, E>;
 impl DataError {
     pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> DataError {
         let path = path.into();
-        move |source| DataError::Io { path, source }
+        move |source| match crate::paths::why_unusable(&path) {
+            Some(why) => DataError::At { path, msg: why },
+            None => DataError::Io { path, source },
+        }
     }
 
     pub fn at(path: impl AsRef<Path>, msg: impl Into<String>) -> DataError {

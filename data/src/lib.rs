@@ -11,6 +11,7 @@ pub mod fixtures;
 pub mod loader;
 pub mod mask;
 pub mod pack;
+pub mod paths;
 pub mod prepare;
 pub mod preview;
 pub mod record;

@@ -41,18 +41,34 @@ enum Inner {
     Parquet { rows: parquet::record::reader::RowIter<'static>, done: usize, count: usize },
 }
 
-/// Whether `path` is a Parquet file (by its magic number).
-pub fn is_parquet(path: &Path) -> Result<bool> {
-    let mut magic = [0u8; 4];
-    let mut f = std::fs::File::open(path).map_err(DataError::io(path))?;
-    Ok(f.read(&mut magic).map_err(DataError::io(path))? == 4 && &magic == b"PAR1")
+/// Up to the first 8 bytes of a file (its magic number, if it has one).
+fn first_bytes(path: &Path) -> Result<Vec<u8>> {
+    let mut magic = Vec::with_capacity(8);
+    let f = std::fs::File::open(path).map_err(DataError::io(path))?;
+    f.take(8).read_to_end(&mut magic).map_err(DataError::io(path))?;
+    Ok(magic)
+}
+
+/// A token cache given where data is expected: named as such, with the file it was prepared from.
+fn refuse_token_cache(path: &Path) -> DataError {
+    let from = crate::cache::TokenCache::open(path)
+        .map(|c| format!(" from {}", c.header.source.display()))
+        .unwrap_or_default();
+    DataError::at(
+        path,
+        format!("is a token cache made by `ferrotune prepare`{from}, not JSONL or Parquet data; hint: give the data file itself (train prepares and caches it in RUN_DIR/cache; a cache is for `ferrotune probe rows`)"),
+    )
 }
 
 impl Rows {
     pub fn open(path: &Path) -> Result<Rows> {
         let file = std::fs::File::open(path).map_err(DataError::io(path))?;
         let total = file.metadata().map_err(DataError::io(path))?.len();
-        if is_parquet(path)? {
+        let magic = first_bytes(path)?;
+        if crate::cache::is_token_cache(&magic) {
+            return Err(refuse_token_cache(path));
+        }
+        if magic.starts_with(b"PAR1") {
             use parquet::file::reader::{FileReader, SerializedFileReader};
             let reader = SerializedFileReader::new(file)
                 .map_err(|e| DataError::at(path, format!("not a readable Parquet file: {e}")))?;

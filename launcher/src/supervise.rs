@@ -28,7 +28,8 @@ pub struct LaunchSpec {
     /// The worker program and its arguments.
     pub program: PathBuf,
     pub args: Vec<OsString>,
-    /// Per-rank log files go here (`rank-N.log`, appended across attempts).
+    /// Per-rank log files go here, one folder per attempt (`attempt-K/rank-N.log`; K goes on from the
+    /// folders a previous launch left, so no launch overwrites another's logs).
     pub log_dir: PathBuf,
     /// GPUs of this node to hand out, one per local rank (CUDA_VISIBLE_DEVICES); empty on CPU.
     pub gpus: Vec<String>,
@@ -114,20 +115,28 @@ fn pump(
     })
 }
 
-fn spawn(spec: &LaunchSpec, attempt: usize) -> Result<Vec<Worker>, LaunchError> {
-    std::fs::create_dir_all(&spec.log_dir)
-        .map_err(|e| LaunchError::Spawn(format!("creating the log directory {}: {e}", spec.log_dir.display())))?;
+/// The first `attempt-K` folder of `log_dir` that holds no log of this node's first rank: where this
+/// launch's attempt 0 writes. Nodes sharing one file system each find the same K, since each looks at
+/// its own ranks' files.
+fn first_free_log_folder(log_dir: &std::path::Path, first_rank: usize) -> usize {
+    (0..).find(|k| !log_dir.join(format!("attempt-{k}/rank-{first_rank}.log")).exists()).expect("a free index")
+}
+
+fn spawn(spec: &LaunchSpec, attempt: usize, log_folder: usize) -> Result<Vec<Worker>, LaunchError> {
+    let dir = spec.log_dir.join(format!("attempt-{log_folder}"));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| LaunchError::Spawn(format!("creating the log directory {}: {e}", dir.display())))?;
     let world = spec.nnodes * spec.nproc_per_node;
     let mut workers = vec![];
     for local in 0..spec.nproc_per_node {
         let rank = spec.node_rank * spec.nproc_per_node + local;
-        let log_path = spec.log_dir.join(format!("rank-{rank}.log"));
+        let log_path = dir.join(format!("rank-{rank}.log"));
         let mut log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
             .map_err(|e| LaunchError::Spawn(format!("{}: {e}", log_path.display())))?;
-        let _ = writeln!(log, "=== attempt {attempt} ===");
+        let _ = writeln!(log, "=== rank {rank}, attempt {attempt} of this launch, node {} ===", spec.node_rank);
         let mut cmd = Command::new(&spec.program);
         cmd.args(&spec.args)
             .env("RANK", rank.to_string())
@@ -203,11 +212,12 @@ pub fn launch(spec: &LaunchSpec) -> Result<(), LaunchError> {
     let mut store = StoreClient::connect(&spec.master_addr, spec.master_port, &spec.run_id, 0, spec.timeout)?;
     let nodes: Vec<String> = (0..spec.nnodes).map(|n| format!("node {n}")).collect();
     let me = format!("node {}", spec.node_rank);
+    let first_folder = first_free_log_folder(&spec.log_dir, spec.node_rank * spec.nproc_per_node);
     let mut attempt = 0;
     loop {
         // Every node starts each attempt together (a missing node is named after the timeout).
         store.barrier(&format!("attempt-{attempt}"), &me, &nodes, spec.timeout)?;
-        let mut workers = spawn(spec, attempt)?;
+        let mut workers = spawn(spec, attempt, first_folder + attempt)?;
         let failed_key = format!("launcher/failed/{attempt}");
         let outcome = supervise(spec, &mut store, &mut workers, attempt, &failed_key, &nodes)?;
         stop_all(&mut workers, spec.grace);

@@ -103,10 +103,9 @@ impl LlamaConfig {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
         if !path.exists() {
-            return Err(Error::Checkpoint {
-                path: dir.to_owned(),
-                msg: "no config.json: this is not a Hugging Face model directory".into(),
-            });
+            let msg = ferrotune_data::paths::why_unusable(dir)
+                .unwrap_or_else(|| "no config.json: this is not a Hugging Face model directory".into());
+            return Err(Error::Checkpoint { path: dir.to_owned(), msg });
         }
         let mut cfg = Self::from_json(&read_json(&path)?, &path)?;
         let gen = dir.join("generation_config.json");

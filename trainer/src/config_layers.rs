@@ -219,6 +219,9 @@ pub fn check_ranges(c: &RunConfig) -> Result<()> {
             format!("{} is over the limit of {MAX_SEQ_LEN} tokens a row", c.data.max_seq_len),
         );
     }
+    if !["auto", "fp32", "bf16"].contains(&c.output.save_dtype.as_str()) {
+        return bad("output.save_dtype", format!("`{}` is not auto, fp32 or bf16", c.output.save_dtype));
+    }
     if !["fp32", "bf16"].contains(&t.optimizer_dtype.as_str()) {
         return bad("train.optimizer_dtype", format!("`{}` is not fp32 or bf16", t.optimizer_dtype));
     }

@@ -39,7 +39,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
         let path = path.into();
-        move |source| Error::Io { path, source }
+        move |source| match ferrotune_data::paths::why_unusable(&path) {
+            Some(why) => Error::Checkpoint { path, msg: why },
+            None => Error::Io { path, source },
+        }
     }
 }
 

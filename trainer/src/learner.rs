@@ -90,17 +90,21 @@ impl Trainer {
         sum
     }
 
-    /// Writes the adapter (peft layout) or the whole model (Hugging Face layout) to `dir`.
-    pub fn export(&self, dir: &Path, base_model: &Path) -> Result<()> {
+    /// Writes the adapter (peft layout) or the whole model (Hugging Face layout, in `full_kind`) to `dir`.
+    pub fn export(&self, dir: &Path, base_model: &Path, full_kind: Kind) -> Result<()> {
         match &self.lora {
             Some(cfg) => {
                 std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
                 checkpoint::save_named(&dir.join("adapter_model.safetensors"), &self.trainable)?;
                 let c = lora::adapter_config(cfg, &base_model.display().to_string());
                 let p = dir.join("adapter_config.json");
-                std::fs::write(&p, serde_json::to_string_pretty(&c).expect("json")).map_err(Error::io(&p))
+                std::fs::write(&p, serde_json::to_string_pretty(&c).expect("json")).map_err(Error::io(&p))?;
+                // The base is frozen under LoRA: the model's weights are still the base's.
+                let f = crate::adapter_base::fingerprint(&self.model, base_model);
+                let p = dir.join(crate::adapter_base::FILE);
+                std::fs::write(&p, serde_json::to_string_pretty(&f).expect("json")).map_err(Error::io(&p))
             }
-            None => weights::save_pretrained(&self.model, dir, self.model.kind(), 2 << 30),
+            None => weights::save_pretrained(&self.model, dir, full_kind, 2 << 30),
         }?;
         copy_tokenizer_files(base_model, dir)
     }

@@ -2,6 +2,7 @@
 //! generation. It does not read conversation data (that is `ferrotune-data`) or spawn processes (that is
 //! `ferrotune-launcher`).
 
+pub mod adapter_base;
 pub mod batch;
 pub mod checkpoint;
 pub mod config;

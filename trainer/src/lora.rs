@@ -187,9 +187,15 @@ pub fn read_adapter_config(dir: &std::path::Path) -> Result<LoraConfig, String> 
     })
 }
 
-/// Attaches the adapter saved in `dir` (peft layout) to `model`, for inference or further training.
-pub fn load_adapter(model: &mut Llama, dir: &std::path::Path) -> Result<(LoraConfig, Vec<(String, Tensor)>), String> {
+/// Attaches the adapter saved in `dir` (peft layout) to `model` (loaded from `model_dir`), for
+/// inference or further training, after checking that `model` is the base it was trained on.
+pub fn load_adapter(
+    model: &mut Llama,
+    model_dir: &std::path::Path,
+    dir: &std::path::Path,
+) -> Result<(LoraConfig, Vec<(String, Tensor)>), String> {
     let cfg = read_adapter_config(dir)?;
+    crate::adapter_base::check(model, model_dir, dir)?;
     let named = attach(model, &cfg, Rc::new(Dropout::default()))?;
     crate::checkpoint::load_named(&dir.join("adapter_model.safetensors"), &named).map_err(|e| e.to_string())?;
     Ok((cfg, named))

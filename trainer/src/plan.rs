@@ -153,6 +153,9 @@ pub struct EvalSection {
 pub struct OutputSection {
     pub dir: PathBuf,
     pub run_name: String,
+    /// The dtype of a full fine-tuning export (`model/`): "auto" writes the dtype the base checkpoint
+    /// stores (a bf16 base stays bf16, whatever the compute dtype), or "fp32" / "bf16".
+    pub save_dtype: String,
 }
 
 impl Default for ModelSection {
@@ -232,7 +235,7 @@ impl Default for EvalSection {
 }
 impl Default for OutputSection {
     fn default() -> Self {
-        OutputSection { dir: PathBuf::from("runs"), run_name: "run".into() }
+        OutputSection { dir: PathBuf::from("runs"), run_name: "run".into(), save_dtype: "auto".into() }
     }
 }
 

@@ -111,7 +111,7 @@ pub fn step(model_dir: &Path, input: &Path, out: &Path, a: &StepArgs, kind: Kind
                 }
             }
         });
-        trainer.export(adapter_dir, model_dir)?;
+        trainer.export(adapter_dir, model_dir, trainer.model.kind())?;
     }
     let ids = get(&t, "input_ids", input)?;
     let b = batch(ids, &shift(get(&t, "labels", input)?), &positions(&t, ids), device)?;

@@ -97,6 +97,8 @@ pub fn train(cfg: RunConfig, opts: RunOptions, coll: &mut dyn Collective, logger
     if cfg.model.path.as_os_str().is_empty() || !cfg.model.path.is_dir() {
         let what = if cfg.model.path.as_os_str().is_empty() {
             "is not set".to_owned()
+        } else if let Some(why) = ferrotune_data::paths::why_unusable(&cfg.model.path) {
+            format!("`{}` {why}", cfg.model.path.display())
         } else {
             format!("`{}` is not a directory", cfg.model.path.display())
         };
@@ -694,8 +696,13 @@ fn finish(run: Run, enc: &Encoder, logger: &mut dyn Logger) -> Result<Outcome> {
         return Ok(run.outcome(None));
     }
     let export_dir = run.run_dir.join(if run.plan.lora.is_some() { "adapter" } else { "model" });
+    let full_kind = match run.cfg.output.save_dtype.as_str() {
+        "auto" if run.plan.lora.is_none() => crate::weights::stored_kind(&run.cfg.model.path)?,
+        "auto" => run.trainer.model.kind(),
+        name => crate::parse_kind(name)?,
+    };
     checkpoint::publish_dir(&export_dir, |dir| {
-        run.trainer.export(dir, &run.cfg.model.path)?;
+        run.trainer.export(dir, &run.cfg.model.path, full_kind)?;
         // The chat template the run trained with, beside the weights: `generate` and transformers
         // (which reads chat_template.jinja first) then format prompts as training did.
         if let Some(t) = &enc.template {

@@ -167,6 +167,30 @@ pub fn deserialize<'a>(bytes: &'a [u8], path: &Path) -> Result<SafeTensors<'a>> 
     })
 }
 
+/// The dtype `dir`'s checkpoint stores its weights in (that of `model.embed_tokens.weight`, read from
+/// its shard's header): what a full fine-tuning export is written in unless the run says otherwise.
+pub fn stored_kind(dir: &Path) -> Result<Kind> {
+    let files = checkpoint_files(dir)?;
+    let name = "model.embed_tokens.weight";
+    let shard = files.weight_map.get(name).ok_or_else(|| Error::Tensor {
+        path: dir.to_owned(),
+        tensor: name.into(),
+        msg: "missing from the checkpoint".into(),
+    })?;
+    let path = dir.join(shard);
+    let mmap = map_file(&path)?;
+    let view = deserialize(&mmap, &path)?.tensor(name).map_err(|e| Error::Tensor {
+        path: path.clone(),
+        tensor: name.into(),
+        msg: e.to_string(),
+    })?;
+    kind_of(view.dtype()).ok_or_else(|| Error::Tensor {
+        path,
+        tensor: name.into(),
+        msg: format!("dtype {:?} is not a float dtype ferrotune writes", view.dtype()),
+    })
+}
+
 pub fn kind_of(dtype: Dtype) -> Option<Kind> {
     Some(match dtype {
         Dtype::F32 => Kind::Float,

@@ -133,7 +133,7 @@ fn lora_step_equals_peft() {
     randomize_lora_b(&trainer.trainable, 0.05);
     let tmp = tempfile::tempdir().unwrap();
     let adapter = tmp.path().join("adapter");
-    trainer.export(&adapter, &dir).unwrap();
+    trainer.export(&adapter, &dir, Kind::Float).unwrap();
     let (input, labels, bt) = batch(trainer.model.config.vocab_size);
     let hf = hf_step(&dir, &input, &labels, Some(&adapter), None);
     step_and_compare(&mut trainer, &hf, &bt);
@@ -155,7 +155,7 @@ fn layerwise_lora_step_with_dropout_equals_peft() {
         randomize_lora_b(&trainer.trainable, 0.05);
         let tmp = tempfile::tempdir().unwrap();
         let adapter = tmp.path().join("adapter");
-        trainer.export(&adapter, &dir).unwrap();
+        trainer.export(&adapter, &dir, Kind::Float).unwrap();
         let (input, labels, bt) = batch(trainer.model.config.vocab_size);
         let hf = hf_step(&dir, &input, &labels, Some(&adapter), Some(KEY));
         trainer.set_dropout_key(KEY);

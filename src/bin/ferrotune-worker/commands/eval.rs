@@ -19,7 +19,7 @@ fn model_with_adapter(dir: &Path, adapter: Option<&Path>, dtype: &str, device: &
     }
     .context("loading the model")?;
     if let Some(a) = adapter {
-        lora::load_adapter(&mut model, a)
+        lora::load_adapter(&mut model, dir, a)
             .map_err(anyhow::Error::msg)
             .with_context(|| format!("loading the adapter {}", a.display()))?;
     }

@@ -59,6 +59,11 @@ pub fn run(command: ProbeCommand) -> Result<()> {
             let cache = TokenCache::open(&a.cache).with_context(|| format!("opening {}", a.cache.display()))?;
             probe::write_rows(&cache, a.seed, a.rows, &a.out).context("probe rows")
         }
+        ProbeCommand::RunDir(a) => {
+            let cfg = ferrotune_trainer::plan::RunConfig::load(Some(&a.config), &a.set)?;
+            println!("{}", cfg.output.dir.join(&cfg.output.run_name).display());
+            Ok(())
+        }
     }
 }
 
