@@ -32,11 +32,30 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 
 #[derive(Serialize, Deserialize, Debug)]
 enum Request {
-    Hello { token: String },
-    Set { key: String, value: Vec<u8> },
-    Get { key: String },
-    Wait { keys: Vec<String>, timeout_ms: u64 },
-    Add { key: String, delta: i64 },
+    Hello {
+        token: String,
+    },
+    Set {
+        key: String,
+        value: Vec<u8>,
+    },
+    Get {
+        key: String,
+    },
+    Wait {
+        keys: Vec<String>,
+        timeout_ms: u64,
+    },
+    Add {
+        key: String,
+        delta: i64,
+    },
+    /// When this connection ends, append `name` to the value of `key` (a comma-separated list): how
+    /// the other nodes learn that a node's launcher died (or its host, through TCP keepalive).
+    OnDisconnect {
+        key: String,
+        name: String,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -196,9 +215,15 @@ async fn serve_connection(mut conn: tokio::net::TcpStream, state: Shared, token:
         }
         _ => return,
     }
+    let mut on_disconnect: Option<(String, String)> = None;
     while let Ok(req) = read_frame::<Request>(&mut conn).await {
         let resp = match req {
             Request::Hello { .. } => Response::Refused("hello sent twice".into()),
+            Request::OnDisconnect { key, name } => {
+                keep_alive(&conn);
+                on_disconnect = Some((key, name));
+                Response::Ok
+            }
             Request::Set { key, value } => {
                 state.lock().unwrap().insert(key, value);
                 Response::Ok
@@ -213,8 +238,44 @@ async fn serve_connection(mut conn: tokio::net::TcpStream, state: Shared, token:
             Request::Wait { keys, timeout_ms } => wait(&state, keys, timeout_ms).await,
         };
         if write_frame(&mut conn, &resp).await.is_err() {
-            return;
+            break;
         }
+    }
+    if let Some((key, name)) = on_disconnect {
+        let mut st = state.lock().unwrap();
+        let mut list = st.map.get(&key).map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
+        if !list.is_empty() {
+            list.push_str(", ");
+        }
+        list.push_str(&name);
+        st.insert(key, list.into_bytes());
+    }
+}
+
+/// TCP keepalive on a connection whose end must be noticed even when the other host vanishes without a
+/// word (power loss, a cut link); on both ends, so a client does not wait forever on a vanished store:
+/// probes after 10 s idle, every 5 s, 3 unanswered end it (about 25 s). TCP_USER_TIMEOUT bounds the
+/// other case, data sent and never acknowledged (keepalive waits for idle; retransmission alone
+/// gives up only after some 15 minutes), to the same 25 s.
+fn keep_alive(conn: &impl std::os::fd::AsRawFd) {
+    let fd = conn.as_raw_fd();
+    for (level, opt, value) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 10),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3),
+        (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 25_000),
+    ] {
+        // SAFETY: setsockopt on a socket this task owns, with a valid int option value.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                opt,
+                &value as *const i32 as *const libc::c_void,
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            )
+        };
     }
 }
 
@@ -263,6 +324,7 @@ impl StoreClient {
             send(&mut conn, &Request::Hello { token: token.into() })?;
             let answer = recv::<Response>(&mut conn)?;
             conn.set_read_timeout(None)?;
+            keep_alive(&conn);
             Ok(match answer {
                 Response::Ok => Ok(conn),
                 Response::Refused(msg) => Err(msg),
@@ -330,6 +392,13 @@ impl StoreClient {
             }),
             other => Err(StoreError::Io { addr: self.addr.clone(), msg: format!("unexpected answer {other:?}") }),
         }
+    }
+
+    /// When this connection ends (this process dies, or its host stops answering keepalive probes), the
+    /// store appends `name` to the comma-separated list under `key`.
+    pub fn on_disconnect(&mut self, key: &str, name: &str) -> Result<()> {
+        let req = Request::OnDisconnect { key: format!("{}{key}", self.prefix), name: name.into() };
+        self.call(&req).map(|_| ())
     }
 
     /// Waits for a key and returns its value.

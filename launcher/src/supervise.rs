@@ -201,6 +201,8 @@ fn stop_all(workers: &mut [Worker], grace: Duration) {
 enum Outcome {
     Success,
     Failed(String),
+    /// Another node's launcher is gone: no later attempt could gather every node, so no restart.
+    Lost(String),
     Interrupted(&'static str),
 }
 
@@ -212,6 +214,8 @@ pub fn launch(spec: &LaunchSpec) -> Result<(), LaunchError> {
     let mut store = StoreClient::connect(&spec.master_addr, spec.master_port, &spec.run_id, 0, spec.timeout)?;
     let nodes: Vec<String> = (0..spec.nnodes).map(|n| format!("node {n}")).collect();
     let me = format!("node {}", spec.node_rank);
+    // If this launcher dies, the store tells the others (see `lost_node`).
+    store.on_disconnect(LOST, &me)?;
     let first_folder = first_free_log_folder(&spec.log_dir, spec.node_rank * spec.nproc_per_node);
     let mut attempt = 0;
     loop {
@@ -224,6 +228,16 @@ pub fn launch(spec: &LaunchSpec) -> Result<(), LaunchError> {
         match outcome {
             Outcome::Success => return Ok(()),
             Outcome::Interrupted(sig) => return Err(LaunchError::Interrupted(sig)),
+            Outcome::Lost(failure) => {
+                let restarts = if attempt < spec.max_restarts {
+                    " (no restart: every node must join the next attempt; start the lost node's launcher again \
+                     with --resume)"
+                        .to_owned()
+                } else {
+                    String::new()
+                };
+                return Err(LaunchError::WorkerFailed { failure, restarts });
+            }
             Outcome::Failed(failure) if attempt < spec.max_restarts => {
                 attempt += 1;
                 let _ = writeln!(
@@ -273,7 +287,21 @@ fn supervise(
         // then lose their ring neighbour and exit with an error).
         failed.sort_by_key(|(rank, status)| (status.signal().is_none(), *rank));
         if let Some((rank, status)) = failed.first() {
-            let failure = format!("rank {rank} {} (node {})", describe(*status), spec.node_rank);
+            let own = format!("rank {rank} {} (node {})", describe(*status), spec.node_rank);
+            // A worker that exits with an error (no signal) just after another node failed or was lost
+            // has most likely lost its ring neighbour: give that cause a moment to reach the store.
+            let remote = if nodes.len() > 1 && status.signal().is_none() {
+                remote_cause(store, failed_key, attempt)
+            } else {
+                None
+            };
+            if let Some(Outcome::Lost(lost)) = remote {
+                return Ok(Outcome::Lost(lost));
+            }
+            let failure = match remote {
+                Some(Outcome::Failed(failure)) => failure,
+                _ => own,
+            };
             // Tell the other nodes (the first failure wins); if the store is gone, so are they.
             if matches!(store.get(failed_key), Ok(None)) {
                 let _ = store.set(failed_key, failure.as_bytes());
@@ -283,10 +311,18 @@ fn supervise(
         let remote = match store.get(failed_key) {
             Ok(v) => v,
             // Node 0's launcher serves the store: losing it means that launcher has stopped.
-            Err(e) => Some(format!("lost the rendezvous store ({e}): node 0's launcher has stopped").into_bytes()),
+            Err(e) => {
+                return Ok(Outcome::Lost(format!(
+                    "lost the rendezvous store ({e}): node 0's launcher has stopped or its host is unreachable"
+                )))
+            }
         };
         if let Some(remote) = remote {
             return Ok(Outcome::Failed(String::from_utf8_lossy(&remote).into_owned()));
+        }
+        // Checked after the failure key: a node that failed reports it before its launcher leaves.
+        if let Some(lost) = lost_node(store, attempt) {
+            return Ok(Outcome::Lost(lost));
         }
         if workers.iter().all(|w| w.status.is_some()) {
             if !reported_done {
@@ -313,6 +349,42 @@ fn supervise(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A failure another node reported, or a lost node, within 2 s; `None` when neither shows up.
+fn remote_cause(store: &mut StoreClient, failed_key: &str, attempt: usize) -> Option<Outcome> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        match store.get(failed_key) {
+            Ok(Some(v)) => return Some(Outcome::Failed(String::from_utf8_lossy(&v).into_owned())),
+            Ok(None) => {}
+            Err(_) => return None,
+        }
+        if let Some(lost) = lost_node(store, attempt) {
+            return Some(Outcome::Lost(lost));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+/// The store's list of nodes whose launcher's connection ended (`StoreClient::on_disconnect`).
+const LOST: &str = "launcher/lost";
+
+/// "lost node 1: ..." for the first node on the store's lost list that had not finished this attempt
+/// (a node that finished and left is not lost); `None` also when the store does not answer (the
+/// caller's next failure-key read names that).
+fn lost_node(store: &mut StoreClient, attempt: usize) -> Option<String> {
+    let list = store.get(LOST).ok()??;
+    for node in String::from_utf8_lossy(&list).split(", ") {
+        if let Ok(None) = store.get(&format!("launcher/done/{attempt}/{node}")) {
+            return Some(format!(
+                "lost {node}: its launcher's connection to the rendezvous store ended (the launcher was killed or \
+                 interrupted, or its host went down or off the network)"
+            ));
+        }
+    }
+    None
 }
 
 /// GPUs visible to this node: CUDA_VISIBLE_DEVICES when set, else /dev/nvidiaN devices.
