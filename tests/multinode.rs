@@ -12,7 +12,8 @@
 //! Not here: more than one worker per node (tests/launch.rs covers that on loopback).
 //!
 //! The namespaces are made and removed by the test (root, `ip` and /dev/net/tun needed); where they
-//! cannot be made, each test prints why and passes without running, as the README says under "Two commands on a fresh machine".
+//! cannot be made, each test prints why and passes without running, as the README says under "Two
+//! commands on a fresh machine".
 
 use std::fs::File;
 use std::io::{Read, Write};
