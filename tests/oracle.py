@@ -154,6 +154,7 @@ def train_step(model_dir, inp, out, lr, wd, clip, adapter=None):
     result = {"loss": res.loss.detach().reshape(1), "grad_norm": norm.detach().reshape(1)}
     for n, p in params:
         result["param." + n] = p.detach().contiguous()
+        result["grad." + n] = p.grad.detach().contiguous()  # clipped, as the step used it
     save(result, out)
 
 

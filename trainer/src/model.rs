@@ -33,7 +33,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let y = x.linear(&self.weight, self.bias.as_ref());
         match &self.lora {
-            Some(lora) => y + lora.delta(x),
+            Some(lora) => lora.add_to(&y, x),
             None => y,
         }
     }
