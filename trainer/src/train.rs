@@ -312,10 +312,17 @@ fn mfu_peak(configured: f64, device: Device, kind: Kind, coll: &mut dyn Collecti
     if coll.rank() == 0 {
         let cache = crate::hardware::peak_cache();
         let p = crate::hardware::peak(device, kind, &cache)?;
-        let how = if p.cached {
-            format!("measured earlier on this machine, cached in {}", cache.display())
-        } else {
-            format!("measured now: best of 4 products of {n}x{n}", n = p.n)
+        let how = match (p.cached, p.now) {
+            (false, _) => format!("measured now: best of 3 products of {n}x{n}", n = p.n),
+            (true, Some(now)) => format!(
+                "the best measured on this machine, cached in {}; {:.3} measured now",
+                cache.display(),
+                now / 1e12
+            ),
+            (true, None) => format!(
+                "measured earlier on this machine, cached in {}; a product takes too long here to measure at each start",
+                cache.display()
+            ),
         };
         tracing::info!(
             "MFU peak: {:.3} TFLOP/s per rank, {} matrix products on {device:?} ({how}); set train.peak_flops to use a datasheet figure",

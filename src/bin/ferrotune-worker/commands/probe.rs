@@ -90,14 +90,14 @@ fn env(a: ProbeEnvArgs) -> Result<()> {
     for (name, kind) in [("fp32", Kind::Float), ("bf16", Kind::BFloat16)] {
         let p = if a.remeasure { hardware::measure_peak(device, kind) } else { hardware::peak(device, kind, &cache) };
         let p = p.with_context(|| format!("measuring the {name} matrix-product peak on {}", a.device))?;
-        peaks.insert(name.into(), json!({"flops": p.flops, "n": p.n, "cached": p.cached}));
+        peaks.insert(name.into(), json!({"flops": p.flops, "n": p.n, "cached": p.cached, "now": p.now}));
     }
     let report = json!({
         "ferrotune": env!("CARGO_PKG_VERSION"),
         "device": a.device,
         "cpu": {
             "model": cpu.model, "logical": cpu.logical, "torch_threads": cpu.torch_threads,
-            "bf16_units": cpu.bf16_units(), "has_bf16_units": cpu.has_bf16_units(),
+            "isa": cpu.isa(), "bf16_units": cpu.bf16_units(), "has_bf16_units": cpu.has_bf16_units(),
         },
         "libtorch": {"version": torch_version, "dir": lib},
         "cuda": cuda,
