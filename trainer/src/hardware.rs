@@ -141,13 +141,28 @@ pub struct Peak {
     pub flops: f64,
     /// The side of the square products timed.
     pub n: i64,
-    /// Whether it came from the cache rather than a measurement now.
+    /// Where the figure comes from (not stored in the cache).
     #[serde(skip)]
-    pub cached: bool,
-    /// What this start measured (FLOP/s), when it measured: below `flops` when an earlier start
-    /// measured more. None when the cache stood without a measurement (see [`peak`]).
-    #[serde(skip)]
-    pub now: Option<f64>,
+    pub source: PeakSource,
+}
+
+impl Peak {
+    /// Seconds one product takes at this rate.
+    fn product_secs(&self) -> f64 {
+        2.0 * (self.n as f64).powi(3) / self.flops
+    }
+}
+
+/// Where a [`Peak`] comes from.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum PeakSource {
+    /// Measured now (and now the best on record).
+    #[default]
+    Measured,
+    /// An earlier start's better reading, from the cache; `now` is what this start measured (FLOP/s).
+    Cached { now: f64 },
+    /// From the cache without a new measurement: one product takes over `SLOW_PRODUCT_SECS` here.
+    CachedUnmeasured,
 }
 
 /// The key a peak is cached under: what decides it (CPU model, matrix instructions, CPUs and threads,
@@ -190,14 +205,12 @@ fn cached_peak(key: &str, device: Device, kind: Kind, cache: &Path) -> Result<Pe
         std::fs::read(cache).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
     // An entry that is no rate (zero, negative, not finite: a hand-edited file) is measured over.
     let prev = all.get(&key).filter(|p| p.flops.is_finite() && p.flops > 0.0 && p.n > 0).cloned();
-    if let Some(p) = &prev {
-        if 2.0 * (p.n as f64).powi(3) / p.flops > SLOW_PRODUCT_SECS {
-            return Ok(Peak { cached: true, now: None, ..p.clone() });
-        }
+    if let Some(p) = prev.as_ref().filter(|p| p.product_secs() > SLOW_PRODUCT_SECS) {
+        return Ok(Peak { source: PeakSource::CachedUnmeasured, ..p.clone() });
     }
     let p = measure_peak(device, kind)?;
     if let Some(best) = prev.filter(|b| b.flops >= p.flops) {
-        return Ok(Peak { cached: true, now: p.now, ..best });
+        return Ok(Peak { source: PeakSource::Cached { now: p.flops }, ..best });
     }
     all.insert(key, p.clone());
     // One temporary file per process: ranks and sweep trials may write the cache at once.
@@ -233,7 +246,7 @@ pub fn measure_peak(device: Device, kind: Kind) -> Result<Peak> {
     };
     let _guard = tch::no_grad_guard();
     let sides: &[i64] = if device.is_cuda() { &[4096, 8192] } else { &[1024, 2048] };
-    let mut best = Peak { flops: 0.0, n: 0, cached: false, now: None };
+    let mut best = Peak { flops: 0.0, n: 0, source: PeakSource::Measured };
     for &n in sides {
         let a = Tensor::randn([n, n], (kind, device));
         let b = Tensor::randn([n, n], (kind, device));
@@ -251,7 +264,7 @@ pub fn measure_peak(device: Device, kind: Kind) -> Result<Peak> {
         }
         let flops = 2.0 * (n as f64).powi(3) / secs;
         if flops > best.flops {
-            best = Peak { flops, n, cached: false, now: Some(flops) };
+            best = Peak { flops, n, source: PeakSource::Measured };
         }
         if secs > 0.1 {
             break;
@@ -293,33 +306,35 @@ mod tests {
         let p = cached_peak(&key, Device::Cpu, Kind::Float, &cache).unwrap();
         let secs = t0.elapsed().as_secs_f64();
         println!("fp32 CPU peak {:.1} GFLOP/s at n = {} in {secs:.2}s", p.flops / 1e9, p.n);
-        assert!(!p.cached && p.flops > 1e9 && p.flops < 1e14 && p.now == Some(p.flops), "{p:?}");
+        assert!(p.source == PeakSource::Measured && p.flops > 1e9 && p.flops < 1e14, "{p:?}");
         let stored = || -> BTreeMap<String, Peak> { serde_json::from_slice(&std::fs::read(&cache).unwrap()).unwrap() };
         // serde_json reads floats back to within an ulp or so, not always bit for bit.
         let same = |a: f64, b: f64| (a - b).abs() <= 1e-12 * a.abs().max(b.abs());
         let set = |flops: f64, n: i64| {
-            let all = BTreeMap::from([(key.clone(), Peak { flops, n, cached: false, now: None })]);
+            let all = BTreeMap::from([(key.clone(), Peak { flops, n, source: PeakSource::Measured })]);
             std::fs::write(&cache, serde_json::to_vec(&all).unwrap()).unwrap();
         };
         // A busy machine's low reading is replaced by this start's (n small enough that the low
         // rate still counts as quick to re-measure).
         set(p.flops / 100.0, 64);
         let low = cached_peak(&key, Device::Cpu, Kind::Float, &cache).unwrap();
-        assert!(!low.cached && low.flops > p.flops / 10.0, "{low:?}");
+        assert!(low.source == PeakSource::Measured && low.flops > p.flops / 10.0, "{low:?}");
         assert!(same(stored()[&key].flops, low.flops));
         // A better earlier reading stands, with now's beside it.
         set(p.flops * 100.0, 1024);
         let high = cached_peak(&key, Device::Cpu, Kind::Float, &cache).unwrap();
-        assert!(high.cached && same(high.flops, p.flops * 100.0) && high.now.unwrap() < high.flops, "{high:?}");
+        let now_below = matches!(high.source, PeakSource::Cached { now } if now < high.flops);
+        assert!(now_below && same(high.flops, p.flops * 100.0), "{high:?}");
         // An entry that is no rate is measured over.
         set(0.0, 1024);
         let zero = cached_peak(&key, Device::Cpu, Kind::Float, &cache).unwrap();
-        assert!(!zero.cached && zero.flops > 1e9, "{zero:?}");
+        assert!(zero.source == PeakSource::Measured && zero.flops > 1e9, "{zero:?}");
         // A product that takes seconds at the cached rate is not measured again.
         set(1e9, 2048);
         let t0 = Instant::now();
         let slow = cached_peak(&key, Device::Cpu, Kind::Float, &cache).unwrap();
-        assert!(slow.cached && slow.now.is_none() && same(slow.flops, 1e9) && t0.elapsed().as_secs_f64() < 0.1);
+        assert!(slow.source == PeakSource::CachedUnmeasured && same(slow.flops, 1e9), "{slow:?}");
+        assert!(t0.elapsed().as_secs_f64() < 0.1);
     }
 
     /// Hosts that print the same model but differ in matrix instructions or CPUs do not share peaks.

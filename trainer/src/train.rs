@@ -15,6 +15,7 @@ use crate::dist::{self, Collective};
 use crate::error::{Error, Result};
 use crate::eval;
 use crate::evaluation::{self, EarlyStop, Validation};
+use crate::hardware::PeakSource;
 use crate::layerwise::{self, StepOptions};
 use crate::learner::Trainer;
 use crate::metrics::{Logger, PeakMemory};
@@ -312,14 +313,14 @@ fn mfu_peak(configured: f64, device: Device, kind: Kind, coll: &mut dyn Collecti
     if coll.rank() == 0 {
         let cache = crate::hardware::peak_cache();
         let p = crate::hardware::peak(device, kind, &cache)?;
-        let how = match (p.cached, p.now) {
-            (false, _) => format!("measured now: best of 3 products of {n}x{n}", n = p.n),
-            (true, Some(now)) => format!(
+        let how = match p.source {
+            PeakSource::Measured => format!("measured now: best of 3 products of {n}x{n}", n = p.n),
+            PeakSource::Cached { now } => format!(
                 "the best measured on this machine, cached in {}; {:.3} measured now",
                 cache.display(),
                 now / 1e12
             ),
-            (true, None) => format!(
+            PeakSource::CachedUnmeasured => format!(
                 "measured earlier on this machine, cached in {}; a product takes too long here to measure at each start",
                 cache.display()
             ),

@@ -6,9 +6,9 @@
 //! kernels, summed in another order where ferrotune shapes a product for speed); parameters, which move
 //! by about lr = 1e-3, 1e-6 absolute wherever the reference gradient is at least 100 AdamW eps (below
 //! that the move is lr * g / (|g| + eps), a function of the gradient's last bits). Observed differences
-//! are printed. The layer-wise step (with and without
-//! activation checkpointing) is held to the same numbers, with LoRA dropout 0.1 replayed on peft's side
-//! (the oracle reseeds each dropout module as ferrotune's adapters do).
+//! are printed. The layer-wise step (with and without activation checkpointing) is held to the same
+//! numbers, with LoRA dropout 0.1 replayed on peft's side (the oracle reseeds each dropout module as
+//! ferrotune's adapters do).
 
 mod common;
 
