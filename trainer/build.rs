@@ -10,12 +10,14 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(ferrotune_cuda_stats)");
     println!("cargo::rustc-check-cfg=cfg(ferrotune_profiler)");
     println!("cargo::rustc-check-cfg=cfg(ferrotune_fused_adamw)");
+    println!("cargo::rustc-check-cfg=cfg(ferrotune_rms_norm)");
     let Some(lib) = std::env::var_os("DEP_TCH_LIBTORCH_LIB") else { return };
     let lib = lib.to_string_lossy();
     if std::env::var("CARGO_PKG_NAME").as_deref() == Ok("ferrotune-trainer") {
         cuda_memory_shim(std::path::Path::new(lib.as_ref()));
         profiler_shim(std::path::Path::new(lib.as_ref()));
         fused_adamw_shim(std::path::Path::new(lib.as_ref()));
+        rms_norm_shim(std::path::Path::new(lib.as_ref()));
     }
     // Keep libtorch (and through it libtorch_cuda) even though no symbol of it is referenced directly,
     // so that CUDA devices are visible.
@@ -112,4 +114,29 @@ fn fused_adamw_shim(lib: &std::path::Path) {
         .file("csrc/fused_adamw.cpp")
         .compile("ferrotune_fused_adamw");
     println!("cargo:rustc-cfg=ferrotune_fused_adamw");
+}
+
+/// Compiles csrc/rms_norm.cpp (RMSNorm forward and backward in one pass each on CPU, a libtorch autograd
+/// function, for `kernels.rs`) when libtorch's headers declare custom autograd functions, and sets
+/// `cfg(ferrotune_rms_norm)`; without it the norm runs as the composite of libtorch operations.
+fn rms_norm_shim(lib: &std::path::Path) {
+    println!("cargo:rerun-if-changed=csrc/rms_norm.cpp");
+    let include = lib.join("../include");
+    let header = std::fs::read_to_string(include.join("torch/csrc/autograd/custom_function.h")).unwrap_or_default();
+    if !header.contains("needs_input_grad") {
+        return;
+    }
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .opt_level(3)
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .file("csrc/rms_norm.cpp")
+        .compile("ferrotune_rms_norm");
+    println!("cargo:rustc-cfg=ferrotune_rms_norm");
 }

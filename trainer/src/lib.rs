@@ -15,6 +15,7 @@ pub mod flops;
 pub mod generate;
 pub mod hardware;
 pub mod interrupt;
+pub mod kernels;
 pub mod layerwise;
 pub mod learner;
 pub mod lora;

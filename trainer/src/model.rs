@@ -39,7 +39,9 @@ impl Linear {
     }
 }
 
-/// Root-mean-square norm, computed in fp32 and cast back before the weight, as transformers does.
+/// Root-mean-square norm, computed in fp32 and cast back before the weight, as transformers does: on CPU
+/// in fp32 and bf16 by ferrotune's fused kernel (`kernels::rms_norm`, the same roundings), elsewhere as
+/// the composite of libtorch operations ([`RmsNorm::composite`]).
 pub struct RmsNorm {
     pub weight: Tensor,
     eps: f64,
@@ -50,7 +52,17 @@ impl RmsNorm {
         RmsNorm { weight: p.add("weight", Tensor::ones([dim], (kind, p.device())), false), eps }
     }
 
+    /// A norm of width `dim` under `p` (weights of ones), outside a model: for tests of the kernels.
+    pub fn for_test(p: &Path, dim: i64, eps: f64, kind: Kind) -> Self {
+        Self::new(p, dim, eps, kind)
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        crate::kernels::rms_norm(x, &self.weight, self.eps).unwrap_or_else(|| self.composite(x))
+    }
+
+    /// transformers' LlamaRMSNorm operation by operation: w * T(x32 * rsqrt(mean(x32^2) + eps)).
+    pub fn composite(&self, x: &Tensor) -> Tensor {
         let kind = x.kind();
         let x32 = x.to_kind(Kind::Float);
         let var = x32.square().mean_dim(-1, true, Kind::Float);
