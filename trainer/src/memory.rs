@@ -69,7 +69,9 @@ const FRAGMENTATION_CUDA: f64 = 0.10;
 
 /// Bytes autograd keeps per token for one decoder layer's backward (its graph), from model.rs's ops and
 /// PyTorch's derivative formulas (a tensor is saved only when a gradient that needs it is computed):
-/// - each RMSNorm: its fp32 input, squared (4C: a copy in bf16, the input itself in fp32); with trainable
+/// - each RMSNorm: as libtorch's composite (CUDA), its fp32 input, squared (4C: a copy in bf16, the input
+///   itself in fp32); as ferrotune's fused kernel (CPU, `fused_norm`), its input and one fp32 factor
+///   (eC + 4: what `csrc/rms_norm.cpp` saves for backward); with trainable
 ///   weights (full fine-tuning) also the normalized value before the weight and the output, which the
 ///   projections after it keep as their input (2eC);
 /// - attention: rotated q and k, v, SDPA's output and log-sum-exp (e(2Q + 2G) + 4H); o_proj's input
@@ -82,14 +84,19 @@ const FRAGMENTATION_CUDA: f64 = 0.10;
 /// storages saved_tensors_hooks sees; on SmolLM2's shape (fp32, 2,048 tokens, three documents) that is
 /// 46,733 B/token for full fine-tuning and 69,388 for LoRA r=8 with dropout on every linear, against
 /// 46,884 and 69,380 here (the unit test below).
-pub fn layer_bytes_per_token(a: &LlamaConfig, e: usize, lora: Option<&(i64, Vec<&'static str>, bool)>) -> f64 {
+pub fn layer_bytes_per_token(
+    a: &LlamaConfig,
+    e: usize,
+    lora: Option<&(i64, Vec<&'static str>, bool)>,
+    fused_norm: bool,
+) -> f64 {
     let e = e as f64;
     let (c, f, h) = (a.hidden_size as f64, a.intermediate_size as f64, a.num_attention_heads as f64);
     let q = (a.num_attention_heads * a.head_dim) as f64;
     let g = (a.num_key_value_heads * a.head_dim) as f64;
     let full = lora.is_none();
     let base_inputs = if full { 2.0 * 2.0 * e * c + e * q + e * f } else { 0.0 };
-    let norms = 2.0 * 4.0 * c;
+    let norms = 2.0 * if fused_norm { e * c + 4.0 } else { 4.0 * c };
     let attention = e * (2.0 * q + 2.0 * g) + 4.0 * h;
     let mlp = 3.0 * e * f;
     let adapters = lora.map_or(0.0, |(r, targets, dropout)| {
@@ -213,7 +220,8 @@ pub fn predict(m: &MemoryInputs) -> MemoryPlan {
             if w > 1.0 { format!(" / {w} ranks") } else { String::new() }
         ),
     );
-    let per_layer = layer_bytes_per_token(a, m.compute_bytes, m.lora.as_ref());
+    let fused_norm = !m.cuda && crate::kernels::fused_rms_norm_enabled();
+    let per_layer = layer_bytes_per_token(a, m.compute_bytes, m.lora.as_ref(), fused_norm);
     // Kept graphs of the layers not recomputed, inputs of those recomputed, and one recomputed layer's
     // graph at a time during backward.
     let recomputed = m.checkpointing.recomputed(a.num_hidden_layers as usize) as f64;
@@ -450,12 +458,17 @@ mod tests {
         let smol = LlamaConfig::from_json(&v, std::path::Path::new("config.json")).unwrap();
         let all = crate::lora::LINEAR_NAMES.to_vec();
         // benches/saved_bytes.py on this shape (fp32, 2,048 tokens): 46,733 and 69,388 B/token.
-        let full = layer_bytes_per_token(&smol, 4, None);
-        let lora = layer_bytes_per_token(&smol, 4, Some(&(8, all.clone(), true)));
+        let full = layer_bytes_per_token(&smol, 4, None, false);
+        let lora = layer_bytes_per_token(&smol, 4, Some(&(8, all.clone(), true)), false);
         assert!((full - 46_733.0).abs() / 46_733.0 < 0.01, "{full}");
         assert!((lora - 69_388.0).abs() / 69_388.0 < 0.01, "{lora}");
-        let no_dropout = layer_bytes_per_token(&smol, 4, Some(&(8, all, false)));
+        let no_dropout = layer_bytes_per_token(&smol, 4, Some(&(8, all, false)), false);
         assert!(no_dropout < lora);
+        // The fused norm saves its input and a factor per token: in fp32 what the composite's fp32
+        // input was (4 B a token more), in bf16 half of the composite's fp32 copy.
+        assert_eq!(layer_bytes_per_token(&smol, 4, None, true) - full, 2.0 * 4.0);
+        let bf16 = |fused| layer_bytes_per_token(&smol, 2, None, fused);
+        assert_eq!(bf16(false) - bf16(true), 2.0 * (4.0 * 576.0 - (2.0 * 576.0 + 4.0)));
     }
 
     #[test]
