@@ -386,18 +386,21 @@ impl Attention {
             Attend::Causal => sdpa(&q, &key, &value, None), // (B, H, T, D)
             Attend::Mask(mask) => sdpa(&q, &key, &value, Some(mask)),
             Attend::Spans(rows) => {
+                // Rows and documents by one split per tensor, not a narrow each: split's backward is
+                // one cat, where each narrow's backward fills a zero tensor of the whole size.
+                let (qs, ks, vs) = (q.split(1, 0), key.split(1, 0), value.split(1, 0)); // (1, ., T, D) each
                 let rows: Vec<Tensor> = rows
                     .iter()
                     .enumerate()
                     .map(|(i, spans)| {
-                        let (q, key, value) =
-                            (q.narrow(0, i as i64, 1), key.narrow(0, i as i64, 1), value.narrow(0, i as i64, 1));
-                        let docs: Vec<Tensor> = spans
-                            .iter()
-                            .map(|&(at, n)| {
-                                sdpa(&q.narrow(2, at, n), &key.narrow(2, at, n), &value.narrow(2, at, n), None)
-                            })
-                            .collect(); // (1, H, n, D) each
+                        let lens: Vec<i64> = spans.iter().map(|&(_, n)| n).collect(); // sum to T
+                        let (q, key, value) = (
+                            qs[i].split_with_sizes(&lens, 2),
+                            ks[i].split_with_sizes(&lens, 2),
+                            vs[i].split_with_sizes(&lens, 2),
+                        );
+                        let docs: Vec<Tensor> =
+                            (0..lens.len()).map(|j| sdpa(&q[j], &key[j], &value[j], None)).collect(); // (1, H, n, D) each
                         Tensor::cat(&docs, 2)
                     })
                     .collect();

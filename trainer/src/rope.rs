@@ -41,9 +41,10 @@ pub fn cos_sin(inv_freq: &Tensor, position_ids: &Tensor, kind: Kind) -> (Tensor,
 
 /// x * cos + rotate_half(x) * sin, for x (B, H, T, D) and cos/sin (B, T, D).
 pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-    let half = x.size()[3] / 2;
-    let x1 = x.narrow(3, 0, half);
-    let x2 = x.narrow(3, half, half);
-    let rotated = Tensor::cat(&[&x2.neg(), &x1], 3);
+    // Halves by one split, not two narrows: split's backward is one cat, where each narrow's backward
+    // fills a zero tensor of x's size and copies its half in.
+    let halves = x.chunk(2, 3);
+    let (x1, x2) = (&halves[0], &halves[1]);
+    let rotated = Tensor::cat(&[&x2.neg(), x1], 3);
     x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
 }
