@@ -107,7 +107,8 @@ pub struct ProbeFiles {
     #[arg(long)]
     pub input: PathBuf,
     /// safetensors to write: forward writes logits (with labels also loss and grad.NAME); step writes
-    /// loss, grad_norm and param.NAME of every trainable parameter after the step.
+    /// loss, grad_norm, and grad.NAME (clipped, as the step used it) and param.NAME (after the step) of every
+    /// trainable parameter.
     #[arg(long)]
     pub out: PathBuf,
 }

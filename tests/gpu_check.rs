@@ -39,8 +39,9 @@ fn gpu_check_quick_on_cpu_passes_and_skips_the_gpu_parts() {
     let status: Vec<&str> = parts.iter().map(|p| p["status"].as_str().unwrap()).collect();
     assert_eq!(status, ["pass", "pass", "pass", "skipped", "skipped"], "{report}");
     let checks = |n: usize| parts[n - 1]["checks"].as_array().unwrap().clone();
-    // Every check of parts 2 and 3 ran and held; 3 has two steps of three checks and generation.
-    assert!(checks(2).len() == 4 && checks(3).len() == 7, "{report}");
+    // Every check of parts 2 and 3 ran and held; 3 has two steps of four checks (loss, clipped norm,
+    // clipped gradients, parameters) and generation.
+    assert!(checks(2).len() == 4 && checks(3).len() == 9, "{report}");
     assert!(checks(2).iter().chain(&checks(3)).all(|c| c["ok"] == true), "{report}");
     // The NCCL part ran its launch rehearsal (2 CPU ranks, then 1 rank with twice the micro-batch).
     assert_eq!(checks(4).len(), 2, "{report}");

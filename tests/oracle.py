@@ -15,8 +15,9 @@ the model computations on that GPU instead (scripts/gpu-check), inputs moved the
   oracle.py train_step MODEL_DIR IN.safetensors OUT.safetensors LR WEIGHT_DECAY MAX_GRAD_NORM [ADAPTER_DIR]
       One optimizer step as a transformers (+ peft, with ADAPTER_DIR) user takes it: mean loss over
       IN's labels (unshifted), backward, clip_grad_norm_, torch.optim.AdamW (single-tensor path, no
-      weight decay on 1-D parameters). OUT gets loss, grad_norm and param.NAME for every trainable
-      parameter after the step (peft names without the adapter name). With ORACLE_DROPOUT_KEY=K the
+      weight decay on 1-D parameters). OUT gets loss, grad_norm, and grad.NAME (clipped, as the step
+      used it) and param.NAME (after the step) for every trainable parameter (peft names without the
+      adapter name). With ORACLE_DROPOUT_KEY=K the
       model trains in train mode and each LoRA dropout module, in module order, first reseeds torch's
       generator with mask_seed(K, its index): ferrotune's adapters draw their masks the same way.
   oracle.py squad PAIRS.json OUT.json

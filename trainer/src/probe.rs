@@ -95,8 +95,9 @@ pub struct StepArgs {
 }
 
 /// `oracle.py train_step`'s counterpart: the mean loss over `input`'s labels, backward (layer-wise, as
-/// `train` runs it), clipping, one AdamW step (betas 0.9/0.999, eps 1e-8). `out` gets loss, grad_norm
-/// and param.NAME of every trainable parameter after the step (peft names for LoRA).
+/// `train` runs it), clipping, one AdamW step (betas 0.9/0.999, eps 1e-8). `out` gets loss, grad_norm,
+/// and for every trainable parameter (peft names for LoRA) grad.NAME, clipped as the step used it, and
+/// param.NAME after the step.
 pub fn step(model_dir: &Path, input: &Path, out: &Path, a: &StepArgs, kind: Kind, device: Device) -> Result<()> {
     let t = read(input)?;
     let adamw = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: a.weight_decay };
@@ -118,11 +119,15 @@ pub fn step(model_dir: &Path, input: &Path, out: &Path, a: &StepArgs, kind: Kind
     let opts = StepOptions { checkpointing: a.checkpointing, loss_chunk: 1 << 20 };
     let sum = trainer.micro_step_layerwise(&b, b.trained as f64, &opts, &mut |_| Ok(()))?;
     let norm = trainer.opt.clip_grad_norm(a.max_grad_norm, &mut crate::dist::Single)?;
+    // Copies: the step zeroes the gradients.
+    let grads: Vec<(String, Tensor)> =
+        trainer.trainable.iter().map(|(n, p)| (format!("grad.{n}"), p.grad().to_kind(Kind::Float).copy())).collect();
     trainer.opt.step(a.lr);
     let mut result = vec![
         ("loss".to_string(), (sum / b.trained as f64).to_kind(Kind::Float).reshape([1])),
         ("grad_norm".to_string(), norm.to_kind(Kind::Float).reshape([1])),
     ];
+    result.extend(grads);
     result.extend(trainer.trainable.iter().map(|(n, p)| (format!("param.{n}"), p.to_kind(Kind::Float))));
     write(out, &result)
 }

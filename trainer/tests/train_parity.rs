@@ -4,8 +4,9 @@
 //! and loaded by peft, which also proves the export format). Tiny model, fp32; LoRA dropout 0 so both
 //! sides are deterministic. Tolerances: gradients 1e-5 of each tensor's largest (the same libtorch
 //! kernels, summed in another order where ferrotune shapes a product for speed); parameters, which move
-//! by about lr = 1e-3, 1e-6 absolute wherever the reference gradient is at least 100 AdamW eps (below
-//! that the move is lr * g / (|g| + eps), a function of the gradient's last bits). Observed differences
+//! by about lr = 1e-3, 1e-6 absolute beyond what the two gradients' own difference explains (the first
+//! step moves a parameter by lr * g / (|g| + eps), which follows g's last bits where |g| is near eps,
+//! so that part of the difference is taken off, per value, and every value stays checked). Observed differences
 //! are printed. The layer-wise step (with and without activation checkpointing) is held to the same
 //! numbers, with LoRA dropout 0.1 replayed on peft's side (the oracle reseeds each dropout module as
 //! ferrotune's adapters do).
@@ -78,24 +79,28 @@ fn compare_step(
     assert!((loss - hl).abs() < 1e-5 * hl, "loss {loss} vs {hl}");
     assert!((norm - hn).abs() < 1e-5 * hn, "grad norm {norm} vs {hn}");
     assert!(hn > CLIP, "the test should exercise clipping");
-    let (mut worst_grad, mut worst, mut sensitive): (f64, f64, i64) = (0.0, 0.0, 0);
+    let (mut worst_grad, mut worst, mut raw, mut explained) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
     for ((name, t), g) in trainer.trainable.iter().zip(&grads) {
         let get = |k: String| hf.get(&k).unwrap_or_else(|| panic!("oracle has no {k}"));
         let (theirs, their_g) = (get(format!("param.{name}")), get(format!("grad.{name}")));
         worst_grad = worst_grad.max(max_abs_diff(g, their_g) / max_abs(their_g).max(f64::MIN_POSITIVE));
-        // AdamW's first step moves a parameter by lr * g / (|g| + eps): where |g| is within a
-        // hundred eps of zero, the move depends on g's last bits (checked above), not on the step.
-        // A gradient of exactly zero moves nothing and stays checked (weight decay alone).
-        let near_eps = their_g.abs().lt(100.0 * adamw().eps).logical_and(&their_g.ne(0.0));
-        sensitive += near_eps.sum(Kind::Int64).int64_value(&[]);
-        let diff = (t - theirs).abs().masked_fill(&near_eps, 0.0);
-        worst = worst.max(diff.max().double_value(&[]));
+        // AdamW's first step moves a parameter by lr * u(g), u(g) = g / (|g| + eps): where |g| is near
+        // eps, the move follows g's last bits (checked above). What the two gradients' difference moves
+        // is taken off; the bound holds for the rest, in every value.
+        let u = |g: &Tensor| g / (g.abs() + adamw().eps);
+        let moved = (u(g) - u(their_g)).abs() * LR;
+        let diff = (t - theirs).abs();
+        raw = raw.max(diff.max().double_value(&[]));
+        explained = explained.max(moved.max().double_value(&[]));
+        worst = worst.max((diff - moved).clamp_min(0.0).max().double_value(&[]));
     }
     println!(
         "max |grad - reference| / max |reference grad| over {} tensors: {worst_grad:.3e}",
         trainer.trainable.len()
     );
-    println!("max |param - reference| after one step: {worst:.3e} ({sensitive} values with |grad| < 100 eps left out)");
+    println!(
+        "max |param - reference| after one step: {raw:.3e}, {worst:.3e} beyond the up to {explained:.3e} the gradients' difference explains"
+    );
     assert!(worst_grad < 1e-5, "{worst_grad}");
     assert!(worst < 1e-6, "{worst}");
     assert_eq!(hf.keys().filter(|k| k.starts_with("param.")).count(), trainer.trainable.len());
@@ -161,8 +166,8 @@ fn lora_step_equals_peft() {
 /// LoRA with dropout 0.1 on every linear, through the layer-wise step: checkpointing none and full
 /// (which recomputes each layer, masks included) both take peft's step. One loss chunk: AdamW's first
 /// step moves a parameter by lr * g / (|g| + eps), so gradients near eps turn rounding differences
-/// (chunked sums, tested against the whole graph in layerwise.rs) into 1e-5 of parameter; those
-/// values are held by the gradient check instead (see `compare_step`).
+/// (chunked sums, tested against the whole graph in layerwise.rs) into 1e-5 of parameter; that part is
+/// what `compare_step` takes off as explained by the gradients.
 #[test]
 fn layerwise_lora_step_with_dropout_equals_peft() {
     let dir = fixture("tiny-llama");
