@@ -72,24 +72,12 @@ fn cuda_memory_shim(lib: &std::path::Path) {
 /// headers declare it, and sets `cfg(ferrotune_profiler)`; without it profiling reports that it is absent.
 fn profiler_shim(lib: &std::path::Path) {
     println!("cargo:rerun-if-changed=csrc/profiler.cpp");
-    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let include = lib.join("../include");
     let header = std::fs::read_to_string(include.join("torch/csrc/autograd/profiler_kineto.h")).unwrap_or_default();
     if !header.contains("disableProfiler") || !header.contains("struct TORCH_API KinetoEvent") {
         return;
     }
-    // The PyPI wheels since torch 2.7 use the C++11 ABI, as tch's own build assumes by default.
-    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
-    cc::Build::new()
-        .cpp(true)
-        .pic(true)
-        .warnings(false)
-        .flag("-std=c++17")
-        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
-        .include(&include)
-        .include(include.join("torch/csrc/api/include"))
-        .file("csrc/profiler.cpp")
-        .compile("ferrotune_profiler");
+    compile_shim(&include, "csrc/profiler.cpp", "ferrotune_profiler", true);
     println!("cargo:rustc-cfg=ferrotune_profiler");
 }
 
@@ -103,16 +91,7 @@ fn fused_adamw_shim(lib: &std::path::Path) {
     if !header.contains("inline void _fused_adamw_(at::TensorList self") {
         return;
     }
-    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
-    cc::Build::new()
-        .cpp(true)
-        .pic(true)
-        .warnings(false)
-        .flag("-std=c++17")
-        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
-        .include(&include)
-        .file("csrc/fused_adamw.cpp")
-        .compile("ferrotune_fused_adamw");
+    compile_shim(&include, "csrc/fused_adamw.cpp", "ferrotune_fused_adamw", false);
     println!("cargo:rustc-cfg=ferrotune_fused_adamw");
 }
 
@@ -126,17 +105,21 @@ fn rms_norm_shim(lib: &std::path::Path) {
     if !header.contains("needs_input_grad") {
         return;
     }
-    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
-    cc::Build::new()
-        .cpp(true)
-        .pic(true)
-        .warnings(false)
-        .opt_level(3)
-        .flag("-std=c++17")
-        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
-        .include(&include)
-        .include(include.join("torch/csrc/api/include"))
-        .file("csrc/rms_norm.cpp")
-        .compile("ferrotune_rms_norm");
+    compile_shim(&include, "csrc/rms_norm.cpp", "ferrotune_rms_norm", true);
     println!("cargo:rustc-cfg=ferrotune_rms_norm");
+}
+
+/// Compiles one C++ shim of csrc/ against libtorch's headers under `include` (with the C++ API headers
+/// when `api`), optimised: the PyPI wheels since torch 2.7 use the C++11 ABI, as tch's own build assumes
+/// by default (LIBTORCH_CXX11_ABI=0 for an older libtorch).
+fn compile_shim(include: &std::path::Path, file: &str, name: &str, api: bool) {
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    let mut build = cc::Build::new();
+    build.cpp(true).pic(true).warnings(false).opt_level(3).flag("-std=c++17");
+    build.define("_GLIBCXX_USE_CXX11_ABI", abi.as_str()).include(include);
+    if api {
+        build.include(include.join("torch/csrc/api/include"));
+    }
+    build.file(file).compile(name);
 }
