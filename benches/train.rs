@@ -177,15 +177,9 @@ fn main() {
     for dtype in &dtypes {
         // As the training loop does: measured now, against the best this machine has shown (a VM's
         // slow minute would otherwise put MFU over 100%).
-        let p = hardware::peak(Device::Cpu, kind_of(dtype), &hardware::peak_cache()).unwrap();
-        let how = match p.source {
-            hardware::PeakSource::Measured => "measured now".to_string(),
-            hardware::PeakSource::Cached { now } => {
-                format!("the best measured on this machine; {:.1} now", now / 1e9)
-            }
-            hardware::PeakSource::CachedUnmeasured => "measured earlier on this machine".to_string(),
-        };
-        println!("matrix-product peak, {dtype}: {:.1} GFLOP/s ({n}x{n} products, {how})", p.flops / 1e9, n = p.n);
+        let cache = hardware::peak_cache();
+        let p = hardware::peak(Device::Cpu, kind_of(dtype), &cache).unwrap();
+        println!("matrix-product peak, {dtype}: {:.1} GFLOP/s ({})", p.flops / 1e9, p.origin(&cache));
         peaks.insert(dtype.clone(), p.flops);
     }
     println!("auto would pick: {}", ferrotune_trainer::auto_dtype(&cpu, None).1);

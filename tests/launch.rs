@@ -15,8 +15,17 @@ use common::*;
 /// loss is summed in f64 instead of f32) and same final weights (1e-6 absolute).
 /// The 2-rank side also checkpoints activations and uses buckets of 8 KiB, so that many buckets are
 /// reduced while backward runs (and the in-flight limit is reached).
+///
+/// AdamW's eps is 1e-6 on both sides: gradients near the default eps of 1e-8 (LoRA's A matrices get
+/// them, B starting at zero) make Adam's update lr * m / (sqrt(v) + eps) turn the ring's other summation
+/// order (1e-7 relative in a gradient) into up to 1e-3 of lr: at eps 1e-8 layer 0's k_proj lora_A ended
+/// 1.7e-6 apart (8e-7 with libtorch's composite RMSNorm, which sums in yet another order); at 1e-6,
+/// 3.7e-8. The test is about the data-parallel sum, which does not depend on eps; a wrong sum moves
+/// weights by O(lr).
 fn two_ranks_equal_one(extra: &[&str], weights_dir: &str) {
-    let j = job(extra);
+    let mut extra = extra.to_vec();
+    extra.push("train.eps=1e-6");
+    let j = job(&extra);
     ok(ferrotune().args(j.train_args("one")).args(["--set", "train.batch_size=2"]).output().unwrap());
     let port = free_port().to_string();
     let mut c = launch(&j, "two", &["--nproc-per-node".into(), "2".into(), "--master-port".into(), port]);
@@ -41,14 +50,9 @@ fn two_ranks_equal_one(extra: &[&str], weights_dir: &str) {
     }
 }
 
-/// AdamW's eps at 1e-6 here: LoRA's A matrices get gradients near the default eps of 1e-8 (B starts at
-/// zero), where Adam's update lr * m / (sqrt(v) + eps) turns the ring's other summation order (1e-7
-/// relative in a gradient) into up to 1e-3 of lr: at eps 1e-8 layer 0's k_proj lora_A ended 1.7e-6 apart
-/// (8e-7 with libtorch's composite RMSNorm, which sums in yet another order); at 1e-6, 3.7e-8. The test
-/// is about the data-parallel sum, which does not depend on eps; a wrong sum moves weights by O(lr).
 #[test]
 fn lora_two_ranks_equal_one_rank_with_twice_the_batch() {
-    two_ranks_equal_one(&["lora.dropout=0.1", "train.eps=1e-6"], "adapter");
+    two_ranks_equal_one(&["lora.dropout=0.1"], "adapter");
 }
 
 #[test]

@@ -151,6 +151,31 @@ impl Peak {
     fn product_secs(&self) -> f64 {
         2.0 * (self.n as f64).powi(3) / self.flops
     }
+
+    /// What this start measured (FLOP/s), when it measured.
+    pub fn now(&self) -> Option<f64> {
+        match self.source {
+            PeakSource::Measured => Some(self.flops),
+            PeakSource::Cached { now } => Some(now),
+            PeakSource::CachedUnmeasured => None,
+        }
+    }
+
+    /// Where the figure comes from, in words, naming the cache file it was kept in: for logs and reports.
+    pub fn origin(&self, cache: &Path) -> String {
+        match self.source {
+            PeakSource::Measured => format!("measured now: best of 3 products of {n}x{n}", n = self.n),
+            PeakSource::Cached { now } => format!(
+                "the best measured on this machine, cached in {}; {:.3} TFLOP/s measured now",
+                cache.display(),
+                now / 1e12
+            ),
+            PeakSource::CachedUnmeasured => format!(
+                "measured earlier on this machine, cached in {}; a product takes too long here to measure at each start",
+                cache.display()
+            ),
+        }
+    }
 }
 
 /// Where a [`Peak`] comes from.

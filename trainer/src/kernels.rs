@@ -5,24 +5,28 @@
 
 use tch::{Device, Kind, Tensor};
 
-/// Whether this build has the fused RMSNorm (libtorch's headers declared custom autograd functions).
-pub const FUSED_RMS_NORM: bool = cfg!(ferrotune_rms_norm);
-
-/// Whether the fused RMSNorm is in use: in this build, and not switched off with
-/// `FERROTUNE_RMS_NORM=composite` (for comparing the two, or as an escape hatch).
+/// Whether the fused RMSNorm is in use: in this build (libtorch's headers declared custom autograd
+/// functions), and not switched off with `FERROTUNE_RMS_NORM=composite` (for comparing the two, or as
+/// an escape hatch).
 pub fn fused_rms_norm_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| FUSED_RMS_NORM && std::env::var("FERROTUNE_RMS_NORM").map_or(true, |v| v != "composite"))
+    *ON.get_or_init(|| {
+        cfg!(ferrotune_rms_norm) && std::env::var("FERROTUNE_RMS_NORM").map_or(true, |v| v != "composite")
+    })
+}
+
+/// Whether a model computing in `kind` on `device` runs its norms through the fused kernel (what
+/// [`rms_norm`] does for a model's own tensors, and what the memory plan counts).
+pub fn fused_rms_norm_applies(device: Device, kind: Kind) -> bool {
+    fused_rms_norm_enabled() && device == Device::Cpu && matches!(kind, Kind::Float | Kind::BFloat16)
 }
 
 /// RMSNorm of `x` (..., C) times `w` (C,) with the fused kernel, when it applies: both on CPU, both
 /// fp32 or both bf16, and the kernel enabled. None otherwise (the caller computes the composite).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Option<Tensor> {
     let kind = x.kind();
-    if !fused_rms_norm_enabled()
-        || x.device() != Device::Cpu
+    if !fused_rms_norm_applies(x.device(), kind)
         || w.device() != Device::Cpu
-        || !matches!(kind, Kind::Float | Kind::BFloat16)
         || w.kind() != kind
         || w.dim() != 1
         || x.dim() == 0

@@ -38,6 +38,8 @@ pub struct MemoryInputs<'a> {
     /// Bytes of one gradient bucket (`train.bucket_mb`).
     pub bucket_bytes: usize,
     pub cuda: bool,
+    /// Whether the norms run as ferrotune's fused kernel (`kernels::fused_rms_norm_applies`).
+    pub fused_norm: bool,
 }
 
 /// One part of the prediction.
@@ -220,8 +222,7 @@ pub fn predict(m: &MemoryInputs) -> MemoryPlan {
             if w > 1.0 { format!(" / {w} ranks") } else { String::new() }
         ),
     );
-    let fused_norm = !m.cuda && crate::kernels::fused_rms_norm_enabled();
-    let per_layer = layer_bytes_per_token(a, m.compute_bytes, m.lora.as_ref(), fused_norm);
+    let per_layer = layer_bytes_per_token(a, m.compute_bytes, m.lora.as_ref(), m.fused_norm);
     // Kept graphs of the layers not recomputed, inputs of those recomputed, and one recomputed layer's
     // graph at a time during backward.
     let recomputed = m.checkpointing.recomputed(a.num_hidden_layers as usize) as f64;
@@ -324,6 +325,7 @@ pub fn inputs_for<'a>(
         shard: plan.shard,
         bucket_bytes: t.bucket_bytes(),
         cuda: device.is_cuda(),
+        fused_norm: crate::kernels::fused_rms_norm_applies(device, kind),
     }
 }
 
@@ -446,6 +448,7 @@ mod tests {
             shard: Shard::None,
             bucket_bytes: 25 << 20,
             cuda: true,
+            fused_norm: false,
         }
     }
 

@@ -48,13 +48,9 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn new(p: &Path, dim: i64, eps: f64, kind: Kind) -> Self {
+    /// A norm of width `dim` under `p`, weights of ones (loading fills them).
+    pub fn new(p: &Path, dim: i64, eps: f64, kind: Kind) -> Self {
         RmsNorm { weight: p.add("weight", Tensor::ones([dim], (kind, p.device())), false), eps }
-    }
-
-    /// A norm of width `dim` under `p` (weights of ones), outside a model: for tests of the kernels.
-    pub fn for_test(p: &Path, dim: i64, eps: f64, kind: Kind) -> Self {
-        Self::new(p, dim, eps, kind)
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {

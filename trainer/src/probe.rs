@@ -119,9 +119,12 @@ pub fn step(model_dir: &Path, input: &Path, out: &Path, a: &StepArgs, kind: Kind
     let opts = StepOptions { checkpointing: a.checkpointing, loss_chunk: 1 << 20 };
     let sum = trainer.micro_step_layerwise(&b, b.trained as f64, &opts, &mut |_| Ok(()))?;
     let norm = trainer.opt.clip_grad_norm(a.max_grad_norm, &mut crate::dist::Single)?;
-    // Copies: the step zeroes the gradients.
-    let grads: Vec<(String, Tensor)> =
-        trainer.trainable.iter().map(|(n, p)| (format!("grad.{n}"), p.grad().to_kind(Kind::Float).copy())).collect();
+    // Copies (one, in fp32, whatever the dtype): the step zeroes the gradients.
+    let grads: Vec<(String, Tensor)> = trainer
+        .trainable
+        .iter()
+        .map(|(n, p)| (format!("grad.{n}"), p.grad().to_dtype(Kind::Float, false, true)))
+        .collect();
     trainer.opt.step(a.lr);
     let mut result = vec![
         ("loss".to_string(), (sum / b.trained as f64).to_kind(Kind::Float).reshape([1])),

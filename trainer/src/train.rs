@@ -15,7 +15,6 @@ use crate::dist::{self, Collective};
 use crate::error::{Error, Result};
 use crate::eval;
 use crate::evaluation::{self, EarlyStop, Validation};
-use crate::hardware::PeakSource;
 use crate::layerwise::{self, StepOptions};
 use crate::learner::Trainer;
 use crate::metrics::{Logger, PeakMemory};
@@ -313,18 +312,7 @@ fn mfu_peak(configured: f64, device: Device, kind: Kind, coll: &mut dyn Collecti
     if coll.rank() == 0 {
         let cache = crate::hardware::peak_cache();
         let p = crate::hardware::peak(device, kind, &cache)?;
-        let how = match p.source {
-            PeakSource::Measured => format!("measured now: best of 3 products of {n}x{n}", n = p.n),
-            PeakSource::Cached { now } => format!(
-                "the best measured on this machine, cached in {}; {:.3} measured now",
-                cache.display(),
-                now / 1e12
-            ),
-            PeakSource::CachedUnmeasured => format!(
-                "measured earlier on this machine, cached in {}; a product takes too long here to measure at each start",
-                cache.display()
-            ),
-        };
+        let how = p.origin(&cache);
         tracing::info!(
             "MFU peak: {:.3} TFLOP/s per rank, {} matrix products on {device:?} ({how}); set train.peak_flops to use a datasheet figure",
             p.flops / 1e12,

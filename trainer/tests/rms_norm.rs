@@ -19,7 +19,7 @@ const EPS: f64 = 1e-5;
 fn norm(c: i64, kind: Kind, seed: i64) -> (nn::VarStore, RmsNorm) {
     tch::manual_seed(seed);
     let vs = nn::VarStore::new(Device::Cpu);
-    let n = RmsNorm::for_test(&vs.root(), c, EPS, kind);
+    let n = RmsNorm::new(&vs.root(), c, EPS, kind);
     tch::no_grad(|| n.weight.shallow_clone().copy_(&(Tensor::randn([c], (Kind::Float, Device::Cpu)) * 0.1 + 1.0)));
     (vs, n)
 }

@@ -90,12 +90,7 @@ fn env(a: ProbeEnvArgs) -> Result<()> {
     for (name, kind) in [("fp32", Kind::Float), ("bf16", Kind::BFloat16)] {
         let p = if a.remeasure { hardware::measure_peak(device, kind) } else { hardware::peak(device, kind, &cache) };
         let p = p.with_context(|| format!("measuring the {name} matrix-product peak on {}", a.device))?;
-        let (source, now) = match p.source {
-            hardware::PeakSource::Measured => ("measured now", Some(p.flops)),
-            hardware::PeakSource::Cached { now } => ("cached: the best measured here", Some(now)),
-            hardware::PeakSource::CachedUnmeasured => ("cached: too slow to measure at each start", None),
-        };
-        peaks.insert(name.into(), json!({"flops": p.flops, "n": p.n, "source": source, "now": now}));
+        peaks.insert(name.into(), json!({"flops": p.flops, "n": p.n, "source": p.origin(&cache), "now": p.now()}));
     }
     let report = json!({
         "ferrotune": env!("CARGO_PKG_VERSION"),
