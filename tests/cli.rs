@@ -93,6 +93,15 @@ fn errors_name_the_problem_and_exit_nonzero() {
     assert!(err.contains("no config.json") && err.contains(tmp.path().to_str().unwrap()), "{err}");
     let o = ferrotune(&["generate", "--model", "x", "--chat", "hi", "--dtype", "fp8"]);
     assert!(text(&o).1.contains("unknown dtype `fp8`"));
+    // A kernel switch that names no kernel stops the worker before it computes anything.
+    let o = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+        .args(["generate", "--model", tmp.path().to_str().unwrap(), "--chat", "hi"])
+        .env("FERROTUNE_COMPOSITE", "rms_norm,silu")
+        .output()
+        .unwrap();
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("FERROTUNE_COMPOSITE=rms_norm,silu: no kernel `silu`"), "{err}");
 }
 
 #[test]

@@ -10,14 +10,14 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(ferrotune_cuda_stats)");
     println!("cargo::rustc-check-cfg=cfg(ferrotune_profiler)");
     println!("cargo::rustc-check-cfg=cfg(ferrotune_fused_adamw)");
-    println!("cargo::rustc-check-cfg=cfg(ferrotune_rms_norm)");
+    println!("cargo::rustc-check-cfg=cfg(ferrotune_kernels)");
     let Some(lib) = std::env::var_os("DEP_TCH_LIBTORCH_LIB") else { return };
     let lib = lib.to_string_lossy();
     if std::env::var("CARGO_PKG_NAME").as_deref() == Ok("ferrotune-trainer") {
         cuda_memory_shim(std::path::Path::new(lib.as_ref()));
         profiler_shim(std::path::Path::new(lib.as_ref()));
         fused_adamw_shim(std::path::Path::new(lib.as_ref()));
-        rms_norm_shim(std::path::Path::new(lib.as_ref()));
+        kernels_shim(std::path::Path::new(lib.as_ref()));
     }
     // Keep libtorch (and through it libtorch_cuda) even though no symbol of it is referenced directly,
     // so that CUDA devices are visible.
@@ -77,7 +77,7 @@ fn profiler_shim(lib: &std::path::Path) {
     if !header.contains("disableProfiler") || !header.contains("struct TORCH_API KinetoEvent") {
         return;
     }
-    compile_shim(&include, "csrc/profiler.cpp", "ferrotune_profiler", true);
+    compile_shim(&include, &["csrc/profiler.cpp"], "ferrotune_profiler", true);
     println!("cargo:rustc-cfg=ferrotune_profiler");
 }
 
@@ -91,35 +91,78 @@ fn fused_adamw_shim(lib: &std::path::Path) {
     if !header.contains("inline void _fused_adamw_(at::TensorList self") {
         return;
     }
-    compile_shim(&include, "csrc/fused_adamw.cpp", "ferrotune_fused_adamw", false);
+    compile_shim(&include, &["csrc/fused_adamw.cpp"], "ferrotune_fused_adamw", false);
     println!("cargo:rustc-cfg=ferrotune_fused_adamw");
 }
 
-/// Compiles csrc/rms_norm.cpp (RMSNorm forward and backward in one pass each on CPU, a libtorch autograd
-/// function, for `kernels.rs`) when libtorch's headers declare custom autograd functions, and sets
-/// `cfg(ferrotune_rms_norm)`; without it the norm runs as the composite of libtorch operations.
-fn rms_norm_shim(lib: &std::path::Path) {
-    println!("cargo:rerun-if-changed=csrc/rms_norm.cpp");
+/// Compiles ferrotune's own CPU kernels (csrc/rms_norm.cpp, swiglu.cpp, rope.cpp and what they share,
+/// libtorch autograd functions for `kernels.rs`) when libtorch's headers declare custom autograd
+/// functions, and sets `cfg(ferrotune_kernels)`; without it the model runs the composites of libtorch
+/// operations.
+fn kernels_shim(lib: &std::path::Path) {
+    let files = ["csrc/common.cpp", "csrc/rms_norm.cpp", "csrc/swiglu.cpp", "csrc/rope.cpp"];
+    for file in files.iter().chain(&["csrc/common.h"]) {
+        println!("cargo:rerun-if-changed={file}");
+    }
     let include = lib.join("../include");
     let header = std::fs::read_to_string(include.join("torch/csrc/autograd/custom_function.h")).unwrap_or_default();
     if !header.contains("needs_input_grad") {
         return;
     }
-    compile_shim(&include, "csrc/rms_norm.cpp", "ferrotune_rms_norm", true);
-    println!("cargo:rustc-cfg=ferrotune_rms_norm");
+    let openmp = openmp(lib);
+    let mut build = shim_build(&include, true);
+    if openmp {
+        build.flag("-fopenmp");
+    }
+    build.files(files).compile("ferrotune_kernels");
+    println!("cargo:rustc-cfg=ferrotune_kernels");
 }
 
-/// Compiles one C++ shim of csrc/ against libtorch's headers under `include` (with the C++ API headers
-/// when `api`), optimised: the PyPI wheels since torch 2.7 use the C++11 ABI, as tch's own build assumes
-/// by default (LIBTORCH_CXX11_ABI=0 for an older libtorch).
-fn compile_shim(include: &std::path::Path, file: &str, name: &str, api: bool) {
+/// Whether libtorch runs `at::parallel_for` on OpenMP (its headers' ATen/Config.h), and if so, links
+/// the OpenMP runtime libtorch itself loads. `at::parallel_for` is inline: compiled in a shim without
+/// `-fopenmp`, its `#pragma omp parallel` is dropped and every kernel runs on one thread. With it, the
+/// shim calls into libgomp, and must call into the same one as libtorch (the wheel's own
+/// `torch/lib/libgomp.so.1`, found on the run path baked in above), never a second runtime with a pool
+/// of its own.
+fn openmp(lib: &std::path::Path) -> bool {
+    let config = std::fs::read_to_string(lib.join("../include/ATen/Config.h")).unwrap_or_default();
+    if !config.contains("#define AT_PARALLEL_OPENMP 1") {
+        return false;
+    }
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    let bundled = std::fs::read_dir(lib)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libgomp") && n.contains(".so"));
+    match bundled {
+        Some(name) => println!("cargo:rustc-link-lib=dylib:+verbatim={name}"),
+        None => println!("cargo:rustc-link-lib=dylib=gomp"),
+    }
+    true
+}
+
+/// Compiles C++ shims of csrc/ into one library against libtorch's headers under `include` (with the C++
+/// API headers when `api`), optimised, without contracting a product and a sum into one FMA (the
+/// kernels round as libtorch's elementwise kernels do): the PyPI wheels since torch 2.7 use the C++11
+/// ABI, as tch's own build assumes by default (LIBTORCH_CXX11_ABI=0 for an older libtorch).
+fn compile_shim(include: &std::path::Path, files: &[&str], name: &str, api: bool) {
+    shim_build(include, api).files(files).compile(name);
+}
+
+/// The compiler settings of every shim (see [`compile_shim`]).
+fn shim_build(include: &std::path::Path, api: bool) -> cc::Build {
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
     let mut build = cc::Build::new();
     build.cpp(true).pic(true).warnings(false).opt_level(3).flag("-std=c++17");
+    // Vectorized loops with selects need -fno-trapping-math (exceptions are never trapped; values do not
+    // change); -ffp-contract=off keeps a product and a sum rounded twice.
+    build.flag("-ffp-contract=off").flag("-fno-trapping-math");
     build.define("_GLIBCXX_USE_CXX11_ABI", abi.as_str()).include(include);
     if api {
         build.include(include.join("torch/csrc/api/include"));
     }
-    build.file(file).compile(name);
+    build
 }

@@ -11,57 +11,22 @@
 // of 64 whatever the thread count, so results do not depend on it), so they differ in the last bits.
 //
 // Only contiguous fp32 and bf16 CPU tensors with a weight of the same dtype: the caller keeps the
-// composite for everything else. The loops are plain C++, compiled for x86-64-v4, v3 and baseline and
-// picked at load time (target_clones). Tensors arrive as tch's handles (`at::Tensor*`); the result is a
-// new handle that Rust owns. No exception crosses into Rust: a failure returns null and leaves the message
-// for ferrotune_rms_norm_error. Compiled by trainer/build.rs; trainer/src/kernels.rs calls it.
-#include <ATen/ATen.h>
+// composite for everything else. The loops are plain C++ (common.h: target_clones, dtypes). Tensors
+// arrive as tch's handles (`at::Tensor*`); the result is a new handle that Rust owns, or null with the
+// message for ferrotune_kernel_error. Compiled by trainer/build.rs; trainer/src/kernels.rs calls it.
+#include "common.h"
+
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <string>
-#include <vector>
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FT_CLONES
-#endif
-#define FT_INLINE __attribute__((always_inline)) inline
-
 namespace {
 
-thread_local std::string last_error;
+using ft::BF16;
+using ft::F32;
+using ft::ptr;
+
 constexpr int64_t LANES = 16;       // partial sums per row: what lets the compiler vectorize a sum
 constexpr int64_t ROW_BLOCK = 64;   // rows per partial sum of the weight's gradient
-
-// A dtype's storage: fp32 as is, bf16 as its 16 bits (the top half of an fp32).
-struct F32 {
-  using S = float;
-  static FT_INLINE float load(float v) { return v; }
-  static FT_INLINE float store(float v) { return v; }
-  static FT_INLINE float round(float v) { return v; }
-};
-struct BF16 {
-  using S = uint16_t;
-  static FT_INLINE float load(uint16_t b) {
-    uint32_t u = uint32_t(b) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
-  // c10::BFloat16's round_to_nearest_even, NaN to 0x7FC0.
-  static FT_INLINE uint16_t store(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    return f != f ? uint16_t(0x7FC0) : uint16_t(r);
-  }
-  static FT_INLINE float round(float v) { return load(store(v)); }
-};
 
 // sum(x32^2) over one row of c.
 template <class D>
@@ -135,11 +100,6 @@ FT_CLONES void backward_bf16(const uint16_t* gy, const uint16_t* x, const uint16
   backward_rows<BF16>(gy, x, w, rstd, gx, gw_part, c, b, e);
 }
 
-template <class T>
-T* ptr(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
-}
-
 struct RmsNormFn : public torch::autograd::Function<RmsNormFn> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
                             double eps) {
@@ -189,12 +149,10 @@ struct RmsNormFn : public torch::autograd::Function<RmsNormFn> {
 
 extern "C" {
 
-const char* ferrotune_rms_norm_error() { return last_error.c_str(); }
-
 // y = RMSNorm(x) * w over the last dimension, with autograd; x (..., C) and w (C,) contiguous, both fp32
-// or both bf16, on CPU. Returns a new tensor handle, or null with the message in ferrotune_rms_norm_error.
+// or both bf16, on CPU. Returns a new tensor handle, or null with the message in ferrotune_kernel_error.
 at::Tensor* ferrotune_rms_norm(at::Tensor* x, at::Tensor* w, double eps) {
-  try {
+  return ft::guard([&] {
     const auto kind = x->scalar_type();
     TORCH_CHECK(kind == at::kFloat || kind == at::kBFloat16, "rms_norm: x must be fp32 or bf16, not ", kind);
     TORCH_CHECK(w->scalar_type() == kind, "rms_norm: w is ", w->scalar_type(), ", x is ", kind);
@@ -202,14 +160,8 @@ at::Tensor* ferrotune_rms_norm(at::Tensor* x, at::Tensor* w, double eps) {
     TORCH_CHECK(x->dim() >= 1 && w->dim() == 1 && w->size(0) == x->size(-1) && x->size(-1) > 0,
                 "rms_norm: w ", w->sizes(), " does not match x ", x->sizes());
     TORCH_CHECK(x->is_contiguous() && w->is_contiguous(), "rms_norm: x and w must be contiguous");
-    return new at::Tensor(RmsNormFn::apply(*x, *w, eps));
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return nullptr;
-  } catch (...) {
-    last_error = "unknown C++ exception";
-    return nullptr;
-  }
+    return RmsNormFn::apply(*x, *w, eps);
+  });
 }
 
 }  // extern "C"

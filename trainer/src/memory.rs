@@ -38,8 +38,28 @@ pub struct MemoryInputs<'a> {
     /// Bytes of one gradient bucket (`train.bucket_mb`).
     pub bucket_bytes: usize,
     pub cuda: bool,
-    /// Whether the norms run as ferrotune's fused kernel (`kernels::fused_rms_norm_applies`).
-    pub fused_norm: bool,
+    /// Which of ferrotune's fused kernels the layers run (they save less than the composites).
+    pub fused: Fused,
+}
+
+/// Which of ferrotune's fused CPU kernels a model runs (`kernels::applies`), as far as they change what
+/// autograd keeps: the norms and the MLP's silu(gate) * up. (The fused rotary embedding saves what the
+/// composite saves, the cos and sin tables.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Fused {
+    pub norm: bool,
+    pub swiglu: bool,
+}
+
+impl Fused {
+    /// The composites throughout (CUDA, fp16, or `FERROTUNE_COMPOSITE=all`).
+    pub const NONE: Fused = Fused { norm: false, swiglu: false };
+
+    /// What a model computing in `kind` on `device` runs.
+    pub fn of(device: tch::Device, kind: tch::Kind) -> Fused {
+        use crate::kernels::{applies, Kernel};
+        Fused { norm: applies(Kernel::RmsNorm, device, kind), swiglu: applies(Kernel::Swiglu, device, kind) }
+    }
 }
 
 /// One part of the prediction.
@@ -72,13 +92,15 @@ const FRAGMENTATION_CUDA: f64 = 0.10;
 /// Bytes autograd keeps per token for one decoder layer's backward (its graph), from model.rs's ops and
 /// PyTorch's derivative formulas (a tensor is saved only when a gradient that needs it is computed):
 /// - each RMSNorm: as libtorch's composite (CUDA), its fp32 input, squared (4C: a copy in bf16, the input
-///   itself in fp32); as ferrotune's fused kernel (CPU, `fused_norm`), its input and one fp32 factor
+///   itself in fp32); as ferrotune's fused kernel (CPU, `fused.norm`), its input and one fp32 factor
 ///   (eC + 4: what `csrc/rms_norm.cpp` saves for backward); with trainable
 ///   weights (full fine-tuning) also the normalized value before the weight and the output, which the
 ///   projections after it keep as their input (2eC);
 /// - attention: rotated q and k, v, SDPA's output and log-sum-exp (e(2Q + 2G) + 4H); o_proj's input
 ///   (eQ) when its weight trains;
-/// - MLP: gate and up outputs and SiLU's output (3eF); down_proj's input (eF) when its weight trains;
+/// - MLP: gate and up outputs and SiLU's output (3eF), or gate and up alone as ferrotune's fused kernel
+///   (CPU, `fused.swiglu`: 2eF, `csrc/swiglu.cpp` recomputes SiLU); down_proj's input (eF) when its
+///   weight trains;
 /// - LoRA, per adapted linear of input width i: with dropout its mask and dropped input (2ei), without
 ///   it the input, once per input the adapters share (ei); and the rank-r intermediate (er).
 ///
@@ -90,7 +112,7 @@ pub fn layer_bytes_per_token(
     a: &LlamaConfig,
     e: usize,
     lora: Option<&(i64, Vec<&'static str>, bool)>,
-    fused_norm: bool,
+    fused: Fused,
 ) -> f64 {
     let e = e as f64;
     let (c, f, h) = (a.hidden_size as f64, a.intermediate_size as f64, a.num_attention_heads as f64);
@@ -98,9 +120,9 @@ pub fn layer_bytes_per_token(
     let g = (a.num_key_value_heads * a.head_dim) as f64;
     let full = lora.is_none();
     let base_inputs = if full { 2.0 * 2.0 * e * c + e * q + e * f } else { 0.0 };
-    let norms = 2.0 * if fused_norm { e * c + 4.0 } else { 4.0 * c };
+    let norms = 2.0 * if fused.norm { e * c + 4.0 } else { 4.0 * c };
     let attention = e * (2.0 * q + 2.0 * g) + 4.0 * h;
-    let mlp = 3.0 * e * f;
+    let mlp = if fused.swiglu { 2.0 } else { 3.0 } * e * f;
     let adapters = lora.map_or(0.0, |(r, targets, dropout)| {
         let width = |t: &str| match t {
             "o_proj" => q,
@@ -222,7 +244,7 @@ pub fn predict(m: &MemoryInputs) -> MemoryPlan {
             if w > 1.0 { format!(" / {w} ranks") } else { String::new() }
         ),
     );
-    let per_layer = layer_bytes_per_token(a, m.compute_bytes, m.lora.as_ref(), m.fused_norm);
+    let per_layer = layer_bytes_per_token(a, m.compute_bytes, m.lora.as_ref(), m.fused);
     // Kept graphs of the layers not recomputed, inputs of those recomputed, and one recomputed layer's
     // graph at a time during backward.
     let recomputed = m.checkpointing.recomputed(a.num_hidden_layers as usize) as f64;
@@ -325,7 +347,7 @@ pub fn inputs_for<'a>(
         shard: plan.shard,
         bucket_bytes: t.bucket_bytes(),
         cuda: device.is_cuda(),
-        fused_norm: crate::kernels::fused_rms_norm_applies(device, kind),
+        fused: Fused::of(device, kind),
     }
 }
 
@@ -448,7 +470,7 @@ mod tests {
             shard: Shard::None,
             bucket_bytes: 25 << 20,
             cuda: true,
-            fused_norm: false,
+            fused: Fused::NONE,
         }
     }
 
@@ -461,17 +483,21 @@ mod tests {
         let smol = LlamaConfig::from_json(&v, std::path::Path::new("config.json")).unwrap();
         let all = crate::lora::LINEAR_NAMES.to_vec();
         // benches/saved_bytes.py on this shape (fp32, 2,048 tokens): 46,733 and 69,388 B/token.
-        let full = layer_bytes_per_token(&smol, 4, None, false);
-        let lora = layer_bytes_per_token(&smol, 4, Some(&(8, all.clone(), true)), false);
+        let full = layer_bytes_per_token(&smol, 4, None, Fused::NONE);
+        let lora = layer_bytes_per_token(&smol, 4, Some(&(8, all.clone(), true)), Fused::NONE);
         assert!((full - 46_733.0).abs() / 46_733.0 < 0.01, "{full}");
         assert!((lora - 69_388.0).abs() / 69_388.0 < 0.01, "{lora}");
-        let no_dropout = layer_bytes_per_token(&smol, 4, Some(&(8, all, false)), false);
+        let no_dropout = layer_bytes_per_token(&smol, 4, Some(&(8, all, false)), Fused::NONE);
         assert!(no_dropout < lora);
         // The fused norm saves its input and a factor per token: in fp32 what the composite's fp32
         // input was (4 B a token more), in bf16 half of the composite's fp32 copy.
-        assert_eq!(layer_bytes_per_token(&smol, 4, None, true) - full, 2.0 * 4.0);
+        let norm = Fused { norm: true, swiglu: false };
+        assert_eq!(layer_bytes_per_token(&smol, 4, None, norm) - full, 2.0 * 4.0);
         let bf16 = |fused| layer_bytes_per_token(&smol, 2, None, fused);
-        assert_eq!(bf16(false) - bf16(true), 2.0 * (4.0 * 576.0 - (2.0 * 576.0 + 4.0)));
+        assert_eq!(bf16(Fused::NONE) - bf16(norm), 2.0 * (4.0 * 576.0 - (2.0 * 576.0 + 4.0)));
+        // The fused SwiGLU (fp32) keeps gate and up but not SiLU's output: one F-wide activation less.
+        let fp32 = |fused| layer_bytes_per_token(&smol, 4, None, fused);
+        assert_eq!(fp32(norm) - fp32(Fused { norm: true, swiglu: true }), 4.0 * 1536.0);
     }
 
     #[test]

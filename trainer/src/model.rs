@@ -409,7 +409,10 @@ impl Attention {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Tensor {
-        self.down_proj.forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
+        let (gate, up) = (self.gate_proj.forward(x), self.up_proj.forward(x)); // (B, T, F) each
+                                                                               // silu(gate) * up: on CPU one fused kernel that saves gate and up only (kernels::swiglu).
+        let h = crate::kernels::swiglu(&gate, &up).unwrap_or_else(|| gate.silu() * up);
+        self.down_proj.forward(&h)
     }
 }
 

@@ -1,7 +1,8 @@
 //! Rotary position embeddings: the inverse frequencies for `default`, `linear` and `llama3` scaling,
 //! computed in fp32 with the same operations, in the same order, as transformers'
-//! `ROPE_INIT_FUNCTIONS`, and the cos/sin tables for arbitrary (per-document) position ids. It does not
-//! apply the rotation; the attention module does.
+//! `ROPE_INIT_FUNCTIONS`, the cos/sin tables for arbitrary (per-document) position ids, and the rotation
+//! itself (on CPU ferrotune's fused kernel, `kernels::rope`; elsewhere transformers' composite). It does
+//! not decide which positions a token gets; the data's packing does.
 
 use crate::config::{RopeConfig, RopeScaling};
 use tch::{Device, Kind, Tensor};
@@ -39,8 +40,14 @@ pub fn cos_sin(inv_freq: &Tensor, position_ids: &Tensor, kind: Kind) -> (Tensor,
     (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
 }
 
-/// x * cos + rotate_half(x) * sin, for x (B, H, T, D) and cos/sin (B, T, D).
+/// x * cos + rotate_half(x) * sin, for x (B, H, T, D) and cos/sin (B, T, D): the fused kernel where it
+/// applies (bit for bit the composite's result), else [`composite`].
 pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    crate::kernels::rope(x, cos, sin).unwrap_or_else(|| composite(x, cos, sin))
+}
+
+/// transformers' apply_rotary_pos_emb operation by operation, for x (B, H, T, D) and cos/sin (B, T, D).
+pub fn composite(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     // Halves by one split, not two narrows: split's backward is one cat, where each narrow's backward
     // fills a zero tensor of x's size and copies its half in.
     let halves = x.chunk(2, 3);

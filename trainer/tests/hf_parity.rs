@@ -2,11 +2,12 @@
 //! tiny fixtures (GQA, llama3 rope, untied, bf16 storage; and biases, tied, default rope) and on the real
 //! SmolLM2-135M-Instruct: logits, masked cross-entropy and gradients, packing, save/reload.
 //!
-//! Tolerances: both sides run libtorch 2.13's fp32 CPU kernels, except RMSNorm, which ferrotune runs
-//! as its own fused kernel on CPU (`trainer/csrc/rms_norm.cpp`) with each row's sum in another order.
-//! With libtorch's norm on both sides the results were bitwise equal on this project's CI machine; with
-//! the fused norm (every test prints its difference) logits differ by about 2e-6 on the tiny models and
-//! 6e-5 on SmolLM2 (of 36), gradients by under 1e-6 relative, and bf16 logits are still bitwise equal.
+//! Tolerances: both sides run libtorch 2.13's fp32 CPU kernels, except where ferrotune runs its own fused
+//! kernels on CPU (`trainer/csrc`): RMSNorm sums each row in another order, fp32 SwiGLU computes exp
+//! with its own polynomial (the rotary kernel is bit for bit the composite). With libtorch's kernels on
+//! both sides the results were bitwise equal on this project's CI machine; with the fused ones (every
+//! test prints its difference) logits differ by about 2e-6 on the tiny models and 6e-5 on SmolLM2 (of
+//! 36), gradients by under 1e-6 relative, and bf16 logits are still bitwise equal.
 //! Another CPU or BLAS may order sums differently too, which moves fp32 results by about 1e-6 relative
 //! per op, growing with depth; the bounds (1e-4 absolute on logits of magnitude ~4 for the tiny models, 1e-3 on
 //! SmolLM2's ~35 after 30 layers, 1e-4 relative on gradients) leave room for that and stay 100x below

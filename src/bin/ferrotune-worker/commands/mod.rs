@@ -11,6 +11,8 @@ use ferrotune::cli::Command;
 
 /// Runs a libtorch command.
 pub fn run(command: Command) -> anyhow::Result<()> {
+    // A typo in FERROTUNE_COMPOSITE stops here, before a run or a measurement quietly uses the fused kernels.
+    ferrotune_trainer::kernels::composite_from_env().map_err(anyhow::Error::msg)?;
     match command {
         Command::Inspect(args) => inspect::run(args),
         Command::Generate(args) => generate::run(args),
