@@ -319,7 +319,11 @@ fn a_lost_node_is_named_and_a_restarted_attempt_resumes_to_the_same_loss() {
     let (a, b) = (n0.wait_with_output().unwrap(), n1.wait_with_output().unwrap());
     assert!(!a.status.success() && !b.status.success());
     let err = String::from_utf8_lossy(&a.stderr);
-    assert!(err.contains("rank 1 was killed by signal 9 (SIGKILL) (node 1)") && !err.contains("lost node"), "{err}");
+    assert!(
+        err.contains("rank 1 was killed by signal 9 (SIGKILL) (node 1)") && !err.contains("lost node"),
+        "node 0:\n{err}\nnode 1:\n{}",
+        String::from_utf8_lossy(&b.stderr)
+    );
 
     // Node 1's launcher is killed (its worker dies with it): node 0 stops its own worker and exits,
     // naming node 1, even though restarts are allowed (node 1 could not join them).

@@ -320,9 +320,8 @@ fn supervise(
         if let Some(remote) = remote {
             return Ok(Outcome::Failed(String::from_utf8_lossy(&remote).into_owned()));
         }
-        // Checked after the failure key: a node that failed reports it before its launcher leaves.
-        if let Some(lost) = lost_node(store, attempt) {
-            return Ok(Outcome::Lost(lost));
+        if let Some(outcome) = departed(store, failed_key, attempt) {
+            return Ok(outcome);
         }
         if workers.iter().all(|w| w.status.is_some()) {
             if !reported_done {
@@ -360,12 +359,24 @@ fn remote_cause(store: &mut StoreClient, failed_key: &str, attempt: usize) -> Op
             Ok(None) => {}
             Err(_) => return None,
         }
-        if let Some(lost) = lost_node(store, attempt) {
-            return Some(Outcome::Lost(lost));
+        if let Some(outcome) = departed(store, failed_key, attempt) {
+            return Some(outcome);
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     None
+}
+
+/// When a node's launcher has left the store before finishing this attempt: the failure it reported on
+/// its way out if there is one, else that node lost. A node that fails sets `failed_key` before its
+/// launcher leaves, but it may do both between a caller's read of the key and its read of the lost
+/// list, so the key is read again after the list names a node: the failure, not "lost", is the cause.
+fn departed(store: &mut StoreClient, failed_key: &str, attempt: usize) -> Option<Outcome> {
+    let lost = lost_node(store, attempt)?;
+    Some(match store.get(failed_key) {
+        Ok(Some(v)) => Outcome::Failed(String::from_utf8_lossy(&v).into_owned()),
+        _ => Outcome::Lost(lost),
+    })
 }
 
 /// The store's list of nodes whose launcher's connection ended (`StoreClient::on_disconnect`).
@@ -397,4 +408,50 @@ pub fn visible_gpus() -> Vec<String> {
         .unwrap_or_default();
     ids.sort_unstable();
     ids.into_iter().map(|i| i.to_string()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Duration = Duration::from_secs(10);
+
+    /// The race behind a flaky "lost node 1" (tests/multinode.rs): node 1's worker was killed, its
+    /// launcher set the failure key and left, both between node 0's read of the key and its read of the
+    /// lost list. Whatever the order of the reads, a node that reported a failure before leaving is named
+    /// by that failure; one that left without a word is lost.
+    #[test]
+    fn a_failure_reported_on_the_way_out_wins_over_lost() {
+        let server = StoreServer::serve("127.0.0.1", 0, "job").unwrap();
+        let mut node0 = StoreClient::connect("127.0.0.1", server.port, "job", 0, T).unwrap();
+        let key = "launcher/failed/0";
+        // Node 1 fails and leaves: failure key first, then its connection ends.
+        let mut node1 = StoreClient::connect("127.0.0.1", server.port, "job", 0, T).unwrap();
+        node1.on_disconnect(LOST, "node 1").unwrap();
+        assert!(matches!(node0.get(key), Ok(None)), "node 0 reads the key before node 1 fails");
+        node1.set(key, b"rank 1 was killed by signal 9 (SIGKILL) (node 1)").unwrap();
+        drop(node1);
+        let t0 = Instant::now();
+        while node0.get(LOST).unwrap().is_none() {
+            assert!(t0.elapsed() < T, "the store never listed node 1 as gone");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        match departed(&mut node0, key, 0) {
+            Some(Outcome::Failed(f)) => assert!(f.contains("rank 1 was killed"), "{f}"),
+            _ => panic!("a failure reported before leaving must be named, not a lost node"),
+        }
+        // Node 2 leaves without reporting anything (its launcher was killed) in attempt 1: lost.
+        let mut node2 = StoreClient::connect("127.0.0.1", server.port, "job", 0, T).unwrap();
+        node2.on_disconnect(LOST, "node 2").unwrap();
+        drop(node2);
+        while !String::from_utf8_lossy(&node0.get(LOST).unwrap().unwrap()).contains("node 2") {
+            assert!(t0.elapsed() < T, "the store never listed node 2 as gone");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        node0.set("launcher/done/1/node 1", b"1").unwrap();
+        match departed(&mut node0, "launcher/failed/1", 1) {
+            Some(Outcome::Lost(l)) => assert!(l.starts_with("lost node 2:"), "{l}"),
+            _ => panic!("a launcher gone without a word is a lost node"),
+        }
+    }
 }
