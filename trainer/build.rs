@@ -129,7 +129,7 @@ fn openmp(lib: &std::path::Path) -> bool {
     if !config.contains("#define AT_PARALLEL_OPENMP 1") {
         return false;
     }
-    println!("cargo:rustc-link-search=native={}", lib.display());
+    // Found on the search path torch-sys already gives the link (libtorch's own directory).
     let bundled = std::fs::read_dir(lib)
         .into_iter()
         .flatten()

@@ -8,11 +8,12 @@
 // runs in another order and nothing is fused (common.h). The composite runs five kernels forward and
 // six backward per tensor, with a concatenated copy each way.
 //
-// x is (B, H, T, D) with any strides whose last is 1 (the projections' (B, T, H, D) seen transposed);
-// the result keeps x's layout. cos and sin are (B or 1, T, D), contiguous, of x's dtype, fp32 or bf16,
-// on CPU: the caller keeps the composite for everything else. Tensors arrive as tch's handles; the result
-// is a new handle that Rust owns, or null with the message for ferrotune_kernel_error. Compiled by
-// trainer/build.rs; trainer/src/kernels.rs calls it.
+// x is (B, H, T, D) in any layout (the projections' (B, T, H, D) seen transposed, as a rule); the result
+// keeps a dense x's layout, and x with a last stride other than 1 is copied contiguous first. cos and
+// sin are (B or 1, T, D), contiguous, of x's dtype, fp32 or bf16, on CPU: the caller keeps the composite
+// for everything else. Tensors arrive as tch's handles; the result is a new handle that Rust owns, or
+// null with the message for ferrotune_kernel_error. Compiled by trainer/build.rs; trainer/src/kernels.rs
+// calls it.
 #include "common.h"
 
 #include <ATen/Parallel.h>
@@ -82,9 +83,10 @@ FT_CLONES void rotate_bf16(const uint16_t* x, Rows xr, uint16_t* y, Rows yr, con
 
 // out (of x's shape) from x, forward (sign 1) or backward (sign -1).
 at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, float sign) {
+  // Rows of D must be contiguous; any other layout is walked as it is. empty_like keeps a dense input's
+  // layout (and makes anything else contiguous), so the result's rows are contiguous too.
   const at::Tensor in = x.stride(3) == 1 ? x : x.contiguous();
-  at::Tensor out = at::empty_like(in);
-  if (out.stride(3) != 1) out = at::empty(in.sizes(), in.options());
+  const at::Tensor out = at::empty_like(in);
   const Rows xr = rows_of(in), yr = rows_of(out);
   const int64_t n = in.size(0) * in.size(1) * in.size(2), d = in.size(3), table_rows = cos.size(0);
   const bool bf16 = in.scalar_type() == at::kBFloat16;
@@ -116,8 +118,8 @@ struct RopeFn : public torch::autograd::Function<RopeFn> {
 
 extern "C" {
 
-// y = x * cos + rotate_half(x) * sin with autograd (for x; cos and sin are tables): x (B, H, T, D) with
-// its last stride 1, cos and sin (B or 1, T, D) contiguous, all fp32 or all bf16, on CPU. Returns a new
+// y = x * cos + rotate_half(x) * sin with autograd (for x; cos and sin are tables): x (B, H, T, D) in
+// any layout, cos and sin (B or 1, T, D) contiguous, all fp32 or all bf16, on CPU. Returns a new
 // tensor handle, or null with the message in ferrotune_kernel_error.
 at::Tensor* ferrotune_rope(at::Tensor* x, at::Tensor* cos, at::Tensor* sin) {
   return ft::guard([&] {
@@ -125,8 +127,7 @@ at::Tensor* ferrotune_rope(at::Tensor* x, at::Tensor* cos, at::Tensor* sin) {
     TORCH_CHECK(kind == at::kFloat || kind == at::kBFloat16, "rope: x must be fp32 or bf16, not ", kind);
     TORCH_CHECK(cos->scalar_type() == kind && sin->scalar_type() == kind, "rope: cos and sin must be ", kind);
     TORCH_CHECK(x->device().is_cpu() && cos->device().is_cpu() && sin->device().is_cpu(), "rope: CPU tensors only");
-    TORCH_CHECK(x->dim() == 4 && x->size(3) % 2 == 0 && x->stride(3) == 1, "rope: x must be (B, H, T, D) with D even "
-                "and its last stride 1, not ", x->sizes(), " strides ", x->strides());
+    TORCH_CHECK(x->dim() == 4 && x->size(3) % 2 == 0, "rope: x must be (B, H, T, D) with D even, not ", x->sizes());
     TORCH_CHECK(cos->dim() == 3 && cos->sizes() == sin->sizes() && cos->size(1) == x->size(2) &&
                     cos->size(2) == x->size(3) && (cos->size(0) == 1 || cos->size(0) == x->size(0)),
                 "rope: cos ", cos->sizes(), " and sin ", sin->sizes(), " do not match x ", x->sizes());

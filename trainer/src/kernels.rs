@@ -48,17 +48,19 @@ pub fn parse_composite(value: &str) -> Result<Vec<Kernel>, String> {
     Ok(out)
 }
 
-/// The kernels the environment leaves out; an error names a bad `FERROTUNE_COMPOSITE`. The worker
-/// checks it at start, so that a typo stops the run instead of quietly timing the fused kernels.
-pub fn composite_from_env() -> Result<Vec<Kernel>, String> {
+/// The kernels the environment leaves out (read once); an error names a bad `FERROTUNE_COMPOSITE`. The
+/// worker checks it at start, so that a typo stops the run instead of quietly timing the fused kernels.
+pub fn composite_from_env() -> Result<&'static [Kernel], &'static str> {
     static LEFT_OUT: std::sync::OnceLock<Result<Vec<Kernel>, String>> = std::sync::OnceLock::new();
-    LEFT_OUT.get_or_init(|| std::env::var("FERROTUNE_COMPOSITE").map_or(Ok(vec![]), |v| parse_composite(&v))).clone()
+    let left_out =
+        LEFT_OUT.get_or_init(|| std::env::var("FERROTUNE_COMPOSITE").map_or(Ok(vec![]), |v| parse_composite(&v)));
+    left_out.as_deref().map_err(String::as_str)
 }
 
 /// Whether `kernel` is in use: in this build (libtorch's headers declared custom autograd functions), and
-/// not left out by `FERROTUNE_COMPOSITE`.
+/// not left out by `FERROTUNE_COMPOSITE`. Called for every norm, MLP and rotation: allocates nothing.
 pub fn enabled(kernel: Kernel) -> bool {
-    cfg!(ferrotune_kernels) && composite_from_env().unwrap_or_else(|e| panic!("{e}")).iter().all(|k| *k != kernel)
+    cfg!(ferrotune_kernels) && !composite_from_env().unwrap_or_else(|e| panic!("{e}")).contains(&kernel)
 }
 
 /// Whether a model computing in `kind` on `device` runs `kernel` for its own tensors (what the functions
@@ -133,8 +135,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Option<Tensor> {
     {
         return None;
     }
-    let x = if x.stride()[3] == 1 { x.shallow_clone() } else { x.contiguous() };
-    ffi::rope(&x, &cos.contiguous(), &sin.contiguous())
+    ffi::rope(x, &cos.contiguous(), &sin.contiguous())
 }
 
 #[cfg(ferrotune_kernels)]

@@ -280,3 +280,20 @@ fn fused_kernels_decline_what_they_do_not_cover() {
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
 }
+
+#[test]
+fn fused_rope_walks_a_layout_whose_rows_are_not_contiguous() {
+    // x whose last stride is not 1 (a (B, H, D, T) tensor seen transposed): copied contiguous inside.
+    for kind in [Kind::Float, Kind::BFloat16] {
+        tch::manual_seed(21);
+        let x = Tensor::randn([1, 2, 8, 5], (Kind::Float, Device::Cpu)).to_kind(kind).transpose(2, 3);
+        let positions = Tensor::randint(64, [1, 5], (Kind::Int64, Device::Cpu));
+        let (cos, sin) = rope::cos_sin(&Tensor::rand([4], (Kind::Float, Device::Cpu)), &positions, kind);
+        let ours = kernels::rope(&x, &cos, &sin).expect("the fused rope declined");
+        assert!(
+            ours.equal(&rope::composite(&x, &cos, &sin)),
+            "{kind:?}: {}",
+            max_diff(&ours, &rope::composite(&x, &cos, &sin))
+        );
+    }
+}
