@@ -75,7 +75,8 @@ def main(model_dir, rows_path, mode, dtype, warmup):
         # ferrotune's trainer/src/profile.rs sums it from the same libtorch profiler.
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        cuda = device.startswith("cuda")
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
             ids, pos, labels = (rows[k][0:1] for k in ("input_ids", "position_ids", "labels_hf"))
             model(input_ids=ids, position_ids=pos, labels=labels).loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -84,9 +85,16 @@ def main(model_dir, rows_path, mode, dtype, warmup):
         ops = [
             {"name": e.key, "calls": e.count, "self_ns": int(e.self_cpu_time_total * 1000), "total_ns": int(e.cpu_time_total * 1000)}
             for e in prof.key_averages()
+            if e.self_cpu_time_total > 0 or e.cpu_time_total > 0
+        ]
+        # CUDA kernels as ferrotune's profile lists them: one row per kernel name, its time on the GPU.
+        kernels = [
+            {"name": e.key, "calls": e.count, "self_ns": int(e.self_device_time_total * 1000), "total_ns": int(e.device_time_total * 1000)}
+            for e in prof.key_averages()
+            if cuda and e.device_type == torch.autograd.DeviceType.CUDA
         ]
         with open(profile_path, "w") as f:
-            json.dump({"ops": sorted(ops, key=lambda o: -o["self_ns"]), "kernels": []}, f)
+            json.dump({"ops": sorted(ops, key=lambda o: -o["self_ns"]), "kernels": sorted(kernels, key=lambda o: -o["self_ns"])}, f)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out = {"tokens": tokens, "trained": trained, "secs": secs, "peak_rss": peak, "losses": losses}
     if device.startswith("cuda"):

@@ -202,6 +202,7 @@ fn train_eval_export_end_to_end_on_the_tiny_model() {
         format!("data.validation={}", data.display()),
         format!("output.dir={}", runs.display()),
         "eval.n_evals=1".to_string(),
+        "train.profile_step=2".to_string(),
     ];
     let mut args = vec!["train", cfg.to_str().unwrap()];
     for s in &sets {
@@ -219,9 +220,25 @@ fn train_eval_export_end_to_end_on_the_tiny_model() {
         "adapter/adapter_model.safetensors",
         "adapter/adapter_config.json",
         "checkpoints/step-3/DONE",
+        "profile/step-2.rank-0.json",
+        "profile/step-2.rank-0.trace.json",
     ] {
         assert!(run.join(f).exists(), "{f} missing");
     }
+    // train.profile_step=2: step 2's operators, logged and written; the matrix products are among them.
+    assert!(err.contains("step 2 profiled") && err.contains("aten::mm"), "{err}");
+    let p: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("profile/step-2.rank-0.json")).unwrap()).unwrap();
+    let mm = p["ops"].as_array().unwrap().iter().find(|o| o["name"] == "aten::mm").expect("aten::mm profiled");
+    assert!(mm["calls"].as_u64().unwrap() > 0 && mm["self_ns"].as_u64().unwrap() > 0, "{mm}");
+    let mut past = args.clone();
+    past.extend(["--set", "train.profile_step=4", "--set", "output.run_name=t2"]);
+    let o = ferrotune(&past);
+    let err = text(&o).1;
+    assert!(
+        !o.status.success() && err.contains("train.profile_step") && err.contains("past the run's last, 3"),
+        "{err}"
+    );
     assert!(std::fs::read_dir(run.join("tensorboard")).unwrap().count() == 1);
     // Unknown config keys are errors naming the key.
     let o = ferrotune(&["train", cfg.to_str().unwrap(), "--set", "train.learning_rate=1"]);

@@ -116,6 +116,10 @@ pub struct TrainSection {
     /// reduce-scattered and freed as soon as backward has made it final). Every rank keeps the whole
     /// model for forward and backward. With one rank there is nothing to slice.
     pub shard: String,
+    /// Profile this optimizer step (1-based; 0: none) with libtorch's profiler: time per operator (and
+    /// per CUDA kernel on a GPU) logged as a table and written to `<run>/profile/`, with a Chrome trace.
+    /// The profiled step runs slower than the others (the profiler records every operator).
+    pub profile_step: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -205,6 +209,7 @@ impl Default for TrainSection {
             loss_chunk_tokens: 0,
             bucket_mb: 25.0,
             shard: "none".into(),
+            profile_step: 0,
         }
     }
 }
@@ -403,6 +408,14 @@ pub fn resolve(config: RunConfig, rows: usize, world_size: usize) -> Result<Plan
     let total_steps = if t.max_steps > 0 { t.max_steps } else { (t.epochs * steps_per_epoch as f64).ceil() as u64 };
     if total_steps == 0 {
         return Err(bad("train.epochs", format!("{} epochs of {steps_per_epoch} steps is no step at all", t.epochs)));
+    }
+    if t.profile_step > total_steps {
+        let msg = format!("step {} is past the run's last, {total_steps}; hint: 0 profiles no step", t.profile_step);
+        return Err(bad("train.profile_step", msg));
+    }
+    if t.profile_step > 0 && !crate::profile::AVAILABLE {
+        let msg = "this build has no profiler (libtorch's headers lacked torch/csrc/autograd/profiler_kineto.h); hint: set it to 0".into();
+        return Err(bad("train.profile_step", msg));
     }
     let kind = match t.scheduler.as_str() {
         "linear" => Scheduler::Linear,

@@ -3,7 +3,8 @@
 //! operator event; self time (an event's duration less its children's on the same thread) is summed
 //! per operator name, as `torch.profiler`'s `key_averages()` does, so the two tables compare. It
 //! also writes the Chrome trace (open it in Perfetto or chrome://tracing). It does not decide what
-//! to profile: the bench (`BENCH_PROFILE`) and `train.profile_step` do.
+//! to profile: the bench (`BENCH_PROFILE`) and `train.profile_step` do (`finish_step` writes the
+//! latter's files).
 
 use crate::error::{Error, Result};
 use std::collections::HashMap;
@@ -175,20 +176,55 @@ impl Profile {
 
     /// The `top` heaviest operators as a table: self ms, share of all self time, calls, total ms.
     pub fn table(&self, top: usize) -> String {
-        let all = self.self_total().max(1) as f64;
-        let mut s = format!("{:<58} {:>9} {:>6} {:>7} {:>9}\n", "operator", "self ms", "self%", "calls", "total ms");
-        for o in self.ops.iter().take(top) {
-            s += &format!(
-                "{:<58} {:>9.1} {:>5.1}% {:>7} {:>9.1}\n",
-                shorten(&o.name, 58),
-                o.self_ns as f64 / 1e6,
-                100.0 * o.self_ns as f64 / all,
-                o.calls,
-                o.total_ns as f64 / 1e6
-            );
-        }
-        s
+        table("operator", &self.ops, top)
     }
+
+    /// The `top` heaviest CUDA kernels, as `table` (a kernel's self time is its duration).
+    pub fn kernels_table(&self, top: usize) -> String {
+        table("CUDA kernel", &self.kernels, top)
+    }
+}
+
+/// `train.profile_step`: stops `session` after the step it recorded (waiting for a GPU's kernels
+/// first), writes `<run_dir>/profile/step-<step>.rank-<rank>.json` (this `Profile`) and `.trace.json`
+/// (the Chrome trace), and logs rank 0's heaviest operators and kernels.
+pub fn finish_step(session: Session, run_dir: &Path, step: u64, rank: usize, device: tch::Device) -> Result<Profile> {
+    if let tch::Device::Cuda(ordinal) = device {
+        tch::Cuda::synchronize(ordinal as i64);
+    }
+    let dir = run_dir.join("profile");
+    std::fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
+    let stem = format!("step-{step}.rank-{rank}");
+    let p = session.stop(Some(&dir.join(format!("{stem}.trace.json"))))?;
+    let json = dir.join(format!("{stem}.json"));
+    let bytes = serde_json::to_vec_pretty(&p).map_err(|e| Error::Invalid(e.to_string()))?;
+    std::fs::write(&json, bytes).map_err(Error::io(&json))?;
+    if rank == 0 {
+        let kernels = if p.kernels.is_empty() { String::new() } else { p.kernels_table(25) };
+        let all = p.self_total() as f64 / 1e6;
+        tracing::info!(
+            "step {step} profiled: {all:.1} ms of operator self time; every rank's profile and Chrome trace in {}\n{}{kernels}",
+            dir.display(),
+            p.table(25)
+        );
+    }
+    Ok(p)
+}
+
+fn table(what: &str, rows: &[OpTime], top: usize) -> String {
+    let all = rows.iter().map(|o| o.self_ns).sum::<u64>().max(1) as f64;
+    let mut s = format!("{:<58} {:>9} {:>6} {:>7} {:>9}\n", what, "self ms", "self%", "calls", "total ms");
+    for o in rows.iter().take(top) {
+        s += &format!(
+            "{:<58} {:>9.1} {:>5.1}% {:>7} {:>9.1}\n",
+            shorten(&o.name, 58),
+            o.self_ns as f64 / 1e6,
+            100.0 * o.self_ns as f64 / all,
+            o.calls,
+            o.total_ns as f64 / 1e6
+        );
+    }
+    s
 }
 
 fn op(name: &str) -> OpTime {

@@ -8,11 +8,11 @@ use crate::error::{Error, Result};
 use crate::plan::RunConfig;
 use std::path::{Path, PathBuf};
 
-/// Config keys a resume may change: they do not change what is trained (evaluation, logging, where it
-/// runs, and the memory knobs whose result is the same step: sharding, checkpointing, loss chunks,
+/// Config keys a resume may change: they do not change what is trained (evaluation, logging,
+/// profiling, where it runs, and the memory knobs whose result is the same step: sharding, checkpointing, loss chunks,
 /// buckets, micro-batch size at a fixed batch size). Any other difference from the checkpoint's config
 /// is refused.
-const RESUMABLE: [&str; 16] = [
+const RESUMABLE: [&str; 17] = [
     "eval.",
     "model.dtype", // checked as the dtype it resolves to, against the checkpoint's (below)
     "train.log_every",
@@ -29,6 +29,7 @@ const RESUMABLE: [&str; 16] = [
     "train.selective_every",
     "train.loss_chunk_tokens",
     "train.micro_batch_size",
+    "train.profile_step",
 ];
 
 /// Before `--resume` writes anything: the config must be the checkpoint's (but for `RESUMABLE` keys)

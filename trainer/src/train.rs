@@ -146,7 +146,14 @@ pub fn train(cfg: RunConfig, opts: RunOptions, coll: &mut dyn Collective, logger
         evaluate(&mut run, &enc, coll, logger)?;
     }
     while run.step < run.plan.total_steps && run.early.stopped_at.is_none() {
+        let profiling = run.cfg.train.profile_step == run.step + 1;
+        let session = profiling.then(|| crate::profile::start(run.device.is_cuda())).transpose()?;
         let done = one_step(&mut run, coll)?;
+        if let Some(session) = session {
+            let pause = Instant::now(); // writing the profile is not training
+            crate::profile::finish_step(session, &run.run_dir, run.step, run.rank, run.device)?;
+            run.window.since += pause.elapsed();
+        }
         log_step(&mut run, &done, coll, logger)?;
         // Evaluations and checkpoints are not training: the throughput window skips their time.
         let pause = Instant::now();
