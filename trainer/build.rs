@@ -11,6 +11,7 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(ferrotune_profiler)");
     println!("cargo::rustc-check-cfg=cfg(ferrotune_fused_adamw)");
     println!("cargo::rustc-check-cfg=cfg(ferrotune_kernels)");
+    println!("cargo::rustc-check-cfg=cfg(ferrotune_sdp)");
     let Some(lib) = std::env::var_os("DEP_TCH_LIBTORCH_LIB") else { return };
     let lib = lib.to_string_lossy();
     if std::env::var("CARGO_PKG_NAME").as_deref() == Ok("ferrotune-trainer") {
@@ -18,6 +19,7 @@ fn main() {
         profiler_shim(std::path::Path::new(lib.as_ref()));
         fused_adamw_shim(std::path::Path::new(lib.as_ref()));
         kernels_shim(std::path::Path::new(lib.as_ref()));
+        sdp_shim(std::path::Path::new(lib.as_ref()));
     }
     // Keep libtorch (and through it libtorch_cuda) even though no symbol of it is referenced directly,
     // so that CUDA devices are visible.
@@ -93,6 +95,19 @@ fn fused_adamw_shim(lib: &std::path::Path) {
     }
     compile_shim(&include, &["csrc/fused_adamw.cpp"], "ferrotune_fused_adamw", false);
     println!("cargo:rustc-cfg=ferrotune_fused_adamw");
+}
+
+/// Compiles csrc/sdp.cpp (the flags choosing SDPA's fused CUDA kernels, for `sdp.rs`) when libtorch's
+/// ATen/Context.h declares them, and sets `cfg(ferrotune_sdp)`; without it SDPA keeps libtorch's order.
+fn sdp_shim(lib: &std::path::Path) {
+    println!("cargo:rerun-if-changed=csrc/sdp.cpp");
+    let include = lib.join("../include");
+    let header = std::fs::read_to_string(include.join("ATen/Context.h")).unwrap_or_default();
+    if !header.contains("setSDPUseCuDNN") || !header.contains("userEnabledCuDNNSDP") {
+        return;
+    }
+    compile_shim(&include, &["csrc/sdp.cpp"], "ferrotune_sdp", false);
+    println!("cargo:rustc-cfg=ferrotune_sdp");
 }
 
 /// Compiles ferrotune's own CPU kernels (csrc/rms_norm.cpp, swiglu.cpp, rope.cpp and what they share,

@@ -33,6 +33,7 @@ pub mod rope;
 pub mod run_data;
 pub mod run_lock;
 pub mod schedule;
+pub mod sdp;
 pub mod tensorboard;
 pub mod train;
 pub mod weights;

@@ -41,7 +41,8 @@ pub fn parse_device(s: &str) -> Result<Device> {
 }
 
 /// `parse_device`, and the device checked to exist here: a CUDA ordinal libtorch does not see is an
-/// error (not a panic inside the bindings later), with what it does see.
+/// error (not a panic inside the bindings later), with what it does see. On CUDA, attention then avoids
+/// cuDNN's per-shape plans (`sdp::configure` says why).
 pub fn usable_device(s: &str) -> Result<Device> {
     let device = parse_device(s)?;
     if let Device::Cuda(n) = device {
@@ -52,6 +53,7 @@ pub fn usable_device(s: &str) -> Result<Device> {
                 "device `{s}` is not available: libtorch sees {count} CUDA device(s); hint: {hint}"
             )));
         }
+        crate::sdp::configure(device);
     }
     Ok(device)
 }
