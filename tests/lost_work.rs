@@ -1,11 +1,11 @@
 //! Work a user must not lose or silently change, through the real binaries: Ctrl-C during `train`
 //! writes a checkpoint after the step in flight and exits 130, and the run resumes from it; `--resume`
 //! with a changed config or other training data is refused before anything is written, naming what
-//! changed.
+//! changed; a run whose checkpoint cannot fit on its disk is refused before its first step.
 
 mod common;
 
-use common::{job, ok};
+use common::{ferrotune, job, ok};
 use std::time::{Duration, Instant};
 
 fn last_step(run: &std::path::Path) -> u64 {
@@ -92,14 +92,19 @@ fn resume_with_a_changed_config_or_other_data_is_refused_before_writing() {
 }
 
 #[test]
-fn a_missing_model_path_names_the_key() {
+fn a_missing_model_or_data_path_names_the_key() {
     let j = job(&[]);
-    for (set, why) in
-        [("model.path=", "is not set"), ("model.path=/nonexistent/model", "`/nonexistent/model` is not a directory")]
-    {
+    for (key, set, why) in [
+        ("model.path", "model.path=", "is not set"),
+        ("model.path", "model.path=/nonexistent/model", "`/nonexistent/model` is not a directory"),
+        // An unset training file was ": No such file or directory (os error 2)", naming nothing.
+        ("data.train", "data.train=", "is not set"),
+        ("data.train", "data.train=/nonexistent/train.jsonl", "`/nonexistent/train.jsonl` does not exist"),
+        ("data.validation", "data.validation=/", "`/` is not a file"),
+    ] {
         let o = common::ferrotune().args(j.train_args("out")).args(["--set", set]).output().unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success() && err.contains("model.path") && err.contains(why), "{err}");
+        assert!(!o.status.success() && err.contains(key) && err.contains(why) && err.contains("hint"), "{err}");
     }
 }
 
@@ -147,4 +152,44 @@ fn full_fine_tuning_exports_in_the_checkpoints_dtype_unless_asked() {
     let o = common::ferrotune().args(j.train_args("bad")).args(["--set", "output.save_dtype=fp16"]).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("output.save_dtype") && err.contains("`fp16`"), "{err}");
+}
+
+/// A run whose checkpoint cannot fit on the disk it writes to is refused before its first step, with
+/// the figures and what to do, instead of failing at its first checkpoint after the training (as an
+/// 8B-shape full fine-tuning did on a GPU host's 64 GiB disk). On a 32 MB tmpfs: full fine-tuning of the
+/// tiny model (about 100 MB a checkpoint) is refused; LoRA (kilobytes, and the 9 MB tokenizer its export
+/// copies) trains. Mounting needs root; a
+/// machine without it says so and skips.
+#[test]
+fn a_run_whose_checkpoint_cannot_fit_on_its_disk_is_refused_before_training() {
+    let mnt = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=32m", "tmpfs"])
+        .arg(mnt.path())
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    }
+    struct Unmount<'a>(&'a std::path::Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.path());
+    let out = mnt.path().join("runs");
+    let full = job(&["lora.enabled=false", "train.max_steps=2"]);
+    let o = ferrotune().args(full.train_args(out.to_str().unwrap())).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "full fine-tuning on 32 MB must be refused:\n{err}");
+    for part in ["free, and this run writes at least", "optimizer state", "hint: free space, set output.dir"] {
+        assert!(err.contains(part), "`{part}` not in:\n{err}");
+    }
+    assert!(!err.contains("step 1/") && !err.contains("panicked"), "refused before the first step:\n{err}");
+    let lora = job(&["train.max_steps=2"]);
+    let o = ferrotune().args(lora.train_args(out.to_str().unwrap())).output().unwrap();
+    assert!(o.status.success(), "LoRA fits in 32 MB:\n{}", String::from_utf8_lossy(&o.stderr));
 }

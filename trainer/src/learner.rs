@@ -110,15 +110,33 @@ impl Trainer {
     }
 }
 
-/// tokenizer.json, tokenizer_config.json, chat_template.jinja, generation_config.json (when present).
+/// The dtype the export is written in (`output.save_dtype`; auto: the base checkpoint's for a full
+/// fine-tuning, the compute dtype for an adapter).
+pub fn export_kind(cfg: &crate::plan::RunConfig, lora: bool, model_kind: Kind) -> Result<Kind> {
+    match cfg.output.save_dtype.as_str() {
+        "auto" if !lora => crate::weights::stored_kind(&cfg.model.path),
+        "auto" => Ok(model_kind),
+        name => crate::parse_kind(name),
+    }
+}
+
+/// The files an export copies from the base model beside its weights (when present).
+pub const TOKENIZER_FILES: [&str; 5] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "generation_config.json",
+];
+
+/// Bytes of the `TOKENIZER_FILES` in `from` (what `copy_tokenizer_files` writes).
+pub fn tokenizer_files_bytes(from: &Path) -> u64 {
+    TOKENIZER_FILES.iter().filter_map(|f| std::fs::metadata(from.join(f)).ok()).map(|m| m.len()).sum()
+}
+
+/// Copies the `TOKENIZER_FILES` present in `from` to `to`.
 pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<()> {
-    for f in [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "chat_template.jinja",
-        "special_tokens_map.json",
-        "generation_config.json",
-    ] {
+    for f in TOKENIZER_FILES {
         if from.join(f).exists() {
             std::fs::copy(from.join(f), to.join(f)).map_err(Error::io(to.join(f)))?;
         }

@@ -7,6 +7,7 @@ pub mod batch;
 pub mod checkpoint;
 pub mod config;
 pub mod config_layers;
+pub mod disk;
 pub mod dist;
 pub mod error;
 pub mod eval;

@@ -40,6 +40,10 @@ pub(crate) fn open_caches(
     coll: &mut dyn Collective,
 ) -> Result<(TokenCache, Option<ValCaches>)> {
     let has_val = !cfg.data.validation.as_os_str().is_empty();
+    check_data_path("data.train", &cfg.data.train)?;
+    if has_val {
+        check_data_path("data.validation", &cfg.data.validation)?;
+    }
     let (own, _) = plan::data_options(&cfg.data)?;
     let caches = || -> Result<(TokenCache, Option<ValCaches>)> {
         let p = &*opts.progress;
@@ -62,6 +66,26 @@ pub(crate) fn open_caches(
         Some(c) => c,
         None => caches(),
     }
+}
+
+/// A data file the run cannot read is an error naming its key, before anything is built: unset (it
+/// was ": No such file or directory"), missing, or not a file.
+fn check_data_path(key: &str, path: &Path) -> Result<()> {
+    let what = if path.as_os_str().is_empty() {
+        "is not set".to_owned()
+    } else if path.is_file() {
+        return Ok(());
+    } else if let Some(why) = ferrotune_data::paths::why_unusable(path) {
+        format!("`{}` {why}", path.display())
+    } else if path.exists() {
+        format!("`{}` is not a file", path.display())
+    } else {
+        format!("`{}` does not exist", path.display())
+    };
+    let msg = format!(
+        "{what}; hint: --set {key}=FILE, chat JSONL ({{\"messages\": [...]}}), prompt/completion JSONL or plain text"
+    );
+    Err(Error::Config { path: std::path::PathBuf::new(), key: key.into(), msg })
 }
 
 /// The training data's tokens and response tokens (under the response mask, packed as the run packs),

@@ -272,6 +272,7 @@ fn set_up<'a>(
     let (layers, tied) = (trainer.model.layers.len(), trainer.model.config.tie_word_embeddings);
     let buckets = GradBuckets::new(&trainer.opt, layers, t.bucket_bytes(), plan.shard, tied);
     log_sharding(&plan, &trainer.opt, buckets.len(), coll)?;
+    crate::disk::check(&crate::disk::Need::of(&cfg, &plan, &trainer, rank)?, &run_dir, coll)?;
     // From here the memory figure is the training's: loading's transient peak (mapped checkpoint files
     // beside the weights) is not what the planner predicts.
     crate::metrics::reset_peak_rss();
@@ -701,11 +702,7 @@ fn finish(run: Run, enc: &Encoder, logger: &mut dyn Logger) -> Result<Outcome> {
         return Ok(run.outcome(None));
     }
     let export_dir = run.run_dir.join(if run.plan.lora.is_some() { "adapter" } else { "model" });
-    let full_kind = match run.cfg.output.save_dtype.as_str() {
-        "auto" if run.plan.lora.is_none() => crate::weights::stored_kind(&run.cfg.model.path)?,
-        "auto" => run.trainer.model.kind(),
-        name => crate::parse_kind(name)?,
-    };
+    let full_kind = crate::learner::export_kind(&run.cfg, run.plan.lora.is_some(), run.trainer.model.kind())?;
     checkpoint::publish_dir(&export_dir, |dir| {
         run.trainer.export(dir, &run.cfg.model.path, full_kind)?;
         // The chat template the run trained with, beside the weights: `generate` and transformers
