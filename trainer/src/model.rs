@@ -409,8 +409,9 @@ impl Attention {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Tensor {
-        let (gate, up) = (self.gate_proj.forward(x), self.up_proj.forward(x)); // (B, T, F) each
-                                                                               // silu(gate) * up: on CPU one fused kernel that saves gate and up only (kernels::swiglu).
+        // gate and up (B, T, F); silu(gate) * up: on CPU in fp32 one fused kernel that saves gate and up
+        // only (kernels::swiglu).
+        let (gate, up) = (self.gate_proj.forward(x), self.up_proj.forward(x));
         let h = crate::kernels::swiglu(&gate, &up).unwrap_or_else(|| gate.silu() * up);
         self.down_proj.forward(&h)
     }
