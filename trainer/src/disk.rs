@@ -29,11 +29,15 @@ impl Need {
             return Ok(Need { trainable: 0, state, export: 0 });
         }
         let size = |t: &Tensor, k: Kind| (t.numel() * k.elt_size_in_bytes()) as u64;
-        let export_kind = crate::learner::export_kind(cfg, plan.lora.is_some(), trainer.model.kind())?;
+        // An adapter is written in its own dtype; a full model in `output.save_dtype`'s.
+        let export_kind = match plan.lora {
+            Some(_) => None,
+            None => Some(crate::learner::export_kind(cfg, false, trainer.model.kind())?),
+        };
         Ok(Need {
             trainable: trainer.trainable.iter().map(|(_, t)| size(t, t.kind())).sum(),
             state,
-            export: trainer.trainable.iter().map(|(_, t)| size(t, export_kind)).sum::<u64>()
+            export: trainer.trainable.iter().map(|(_, t)| size(t, export_kind.unwrap_or(t.kind()))).sum::<u64>()
                 + crate::learner::tokenizer_files_bytes(&cfg.model.path),
         })
     }
@@ -67,7 +71,7 @@ fn gb(b: u64) -> String {
 pub fn shortfall(need: &Need, free: u64, dir: &Path, rank: usize) -> Option<String> {
     (need.total() > free).then(|| {
         format!(
-            "rank {rank}: {} has {} free, and this run writes at least {} there: each checkpoint {} (trainable weights {}, optimizer state {}) and the export {}; \
+            "rank {rank}: {} has {} free, and this run writes at least {} there: a checkpoint {} (trainable weights {}, optimizer state {}) and the export {}; \
              hint: free space, set output.dir to a larger disk, or keep less state (train.optimizer_dtype=\"bf16\" with a bf16 model, train.shard over several ranks, LoRA)",
             dir.display(),
             gb(free),
@@ -80,14 +84,17 @@ pub fn shortfall(need: &Need, free: u64, dir: &Path, rank: usize) -> Option<Stri
     })
 }
 
-/// Checks `need` against `dir`'s free space on this rank, and stops every rank if any falls short
-/// (one all-reduce, so that no rank waits for one that left).
-pub fn check(need: &Need, dir: &Path, coll: &mut dyn crate::dist::Collective) -> Result<()> {
-    let mine = free_bytes(dir).and_then(|free| shortfall(need, free, dir, coll.rank()));
+/// Checks `need` against `dir`'s free space on this rank, and stops every rank if any falls short or
+/// could not size its files (one all-reduce, so that no rank waits for one that left).
+pub fn check(need: Result<Need>, dir: &Path, coll: &mut dyn crate::dist::Collective) -> Result<()> {
+    let mine = match need {
+        Ok(need) => free_bytes(dir).and_then(|free| shortfall(&need, free, dir, coll.rank())).map(Error::Invalid),
+        Err(e) => Some(e),
+    };
     let mut short = [f64::from(u8::from(mine.is_some()))];
     coll.all_reduce_f64(&mut short)?;
     match mine {
-        Some(msg) => Err(Error::Invalid(msg)),
+        Some(e) => Err(e),
         None if short[0] > 0.0 => Err(Error::Invalid(
             "another rank has too little disk space for its checkpoint files (its error says how much)".into(),
         )),
@@ -109,7 +116,7 @@ mod tests {
         for part in [
             "/d has 50.00 GB free",
             "at least 96.00 GB",
-            "each checkpoint 80.00 GB",
+            "a checkpoint 80.00 GB",
             "optimizer state 64.00 GB",
             "export 16.00 GB",
             "output.dir",

@@ -110,8 +110,8 @@ impl Trainer {
     }
 }
 
-/// The dtype the export is written in (`output.save_dtype`; auto: the base checkpoint's for a full
-/// fine-tuning, the compute dtype for an adapter).
+/// The dtype a full fine-tuning's export is written in (`output.save_dtype`; auto: the base
+/// checkpoint's). An adapter is written in its parameters' own dtype whatever this says.
 pub fn export_kind(cfg: &crate::plan::RunConfig, lora: bool, model_kind: Kind) -> Result<Kind> {
     match cfg.output.save_dtype.as_str() {
         "auto" if !lora => crate::weights::stored_kind(&cfg.model.path),

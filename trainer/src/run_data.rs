@@ -83,7 +83,7 @@ fn check_data_path(key: &str, path: &Path) -> Result<()> {
         format!("`{}` does not exist", path.display())
     };
     let msg = format!(
-        "{what}; hint: --set {key}=FILE, chat JSONL ({{\"messages\": [...]}}), prompt/completion JSONL or plain text"
+        "{what}; hint: --set {key}=FILE, chat JSONL ({{\"messages\": [...]}}), prompt/completion JSONL, Parquet or plain text"
     );
     Err(Error::Config { path: std::path::PathBuf::new(), key: key.into(), msg })
 }

@@ -53,7 +53,9 @@ pub fn usable_device(s: &str) -> Result<Device> {
                 "device `{s}` is not available: libtorch sees {count} CUDA device(s); hint: {hint}"
             )));
         }
-        crate::sdp::configure(device);
+        if crate::sdp::configure(device).is_none() {
+            tracing::warn!("this build cannot steer SDPA's backends (no csrc/sdp.cpp): cuDNN's attention, which plans every new document length, stays allowed");
+        }
     }
     Ok(device)
 }
@@ -272,7 +274,13 @@ fn set_up<'a>(
     let (layers, tied) = (trainer.model.layers.len(), trainer.model.config.tie_word_embeddings);
     let buckets = GradBuckets::new(&trainer.opt, layers, t.bucket_bytes(), plan.shard, tied);
     log_sharding(&plan, &trainer.opt, buckets.len(), coll)?;
-    crate::disk::check(&crate::disk::Need::of(&cfg, &plan, &trainer, rank)?, &run_dir, coll)?;
+    crate::disk::check(crate::disk::Need::of(&cfg, &plan, &trainer, rank), &run_dir, coll)?;
+    if rank == 0 && (1..=step).contains(&cfg.train.profile_step) {
+        tracing::warn!(
+            "train.profile_step = {} is not after this resume's step {step}: no step is profiled",
+            cfg.train.profile_step
+        );
+    }
     // From here the memory figure is the training's: loading's transient peak (mapped checkpoint files
     // beside the weights) is not what the planner predicts.
     crate::metrics::reset_peak_rss();
