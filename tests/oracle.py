@@ -1,7 +1,9 @@
 """Hugging Face reference computations for ferrotune's tests (the oracle). Tests write their inputs,
 call this script with the project's venv python, and compare ferrotune's numbers with what it writes.
 Everything runs on CPU with transformers' default attention, in fp32 unless ORACLE_DTYPE=bfloat16
-(ORACLE_ATTENTION_FP32=1: bf16 with attention computed in fp32, as ferrotune does on CPU for short rows);
+(ORACLE_ATTENTION_FP32=1: bf16 with attention computed in fp32, as ferrotune does on CPU for short rows
+without bf16 units; ORACLE_ATTENTION_EAGER=1: transformers' eager attention, bf16 products and softmax
+in fp32 rounded to bf16, as ferrotune's grouped attention computes short rows on CPUs with bf16 units);
 ORACLE_ADAPTER=DIR puts a peft adapter on the model for `forward`; ORACLE_DEVICE=cuda (or cuda:N) runs
 the model computations on that GPU instead (scripts/gpu-check), inputs moved there and results back.
 
@@ -66,6 +68,8 @@ def load(model_dir):
 
         AttentionInterface.register("sdpa_fp32", sdpa_in_fp32)
         kwargs["attn_implementation"] = "sdpa_fp32"
+    elif os.environ.get("ORACLE_ATTENTION_EAGER") == "1":
+        kwargs["attn_implementation"] = "eager"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs).to(DEVICE)
     model.eval()
     return model

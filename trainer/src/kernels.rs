@@ -5,8 +5,10 @@
 //! (`csrc/rope.cpp`). Not the model's choice of when to use them (`model.rs` calls these and keeps the
 //! composite for whatever they decline), and nothing for CUDA.
 //!
-//! `FERROTUNE_COMPOSITE` names kernels to leave out (comma-separated `rms_norm`, `swiglu`, `rope`, or
-//! `all`), for comparing the two or as an escape hatch.
+//! `FERROTUNE_COMPOSITE` names kernels to leave out (comma-separated `rms_norm`, `swiglu`, `rope`,
+//! `attention`, or `all`), for comparing the two or as an escape hatch. `attention` is not a csrc
+//! kernel but the same kind of choice: short documents' bf16 attention as grouped matrix products
+//! (`attention.rs`) instead of libtorch's flash kernel on fp32 copies.
 
 use tch::{Device, Kind, Tensor};
 
@@ -16,10 +18,12 @@ pub enum Kernel {
     RmsNorm,
     Swiglu,
     Rope,
+    /// `attention::grouped`: libtorch operations, in every build.
+    Attention,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 3] = [Kernel::RmsNorm, Kernel::Swiglu, Kernel::Rope];
+    pub const ALL: [Kernel; 4] = [Kernel::RmsNorm, Kernel::Swiglu, Kernel::Rope, Kernel::Attention];
 
     /// The name `FERROTUNE_COMPOSITE` uses.
     pub fn name(self) -> &'static str {
@@ -27,6 +31,7 @@ impl Kernel {
             Kernel::RmsNorm => "rms_norm",
             Kernel::Swiglu => "swiglu",
             Kernel::Rope => "rope",
+            Kernel::Attention => "attention",
         }
     }
 }
@@ -39,8 +44,8 @@ pub fn parse_composite(value: &str) -> Result<Vec<Kernel>, String> {
             "all" => out.extend(Kernel::ALL),
             _ => out.push(Kernel::ALL.into_iter().find(|k| k.name() == name).ok_or_else(|| {
                 format!(
-                    "FERROTUNE_COMPOSITE={value}: no kernel `{name}`; name some of rms_norm, swiglu, rope \
-                     (comma-separated), or all"
+                    "FERROTUNE_COMPOSITE={value}: no kernel `{name}`; name some of rms_norm, swiglu, rope, \
+                     attention (comma-separated), or all"
                 )
             })?),
         }
@@ -57,21 +62,26 @@ pub fn composite_from_env() -> Result<&'static [Kernel], &'static str> {
     left_out.as_deref().map_err(String::as_str)
 }
 
-/// Whether `kernel` is in use: in this build (libtorch's headers declared custom autograd functions), and
-/// not left out by `FERROTUNE_COMPOSITE`. Called for every norm, MLP and rotation: allocates nothing.
+/// Whether `kernel` is in use: in this build (libtorch's headers declared custom autograd functions; the
+/// grouped attention needs none), and not left out by `FERROTUNE_COMPOSITE`. Called for every norm,
+/// MLP, rotation and attention: allocates nothing.
 pub fn enabled(kernel: Kernel) -> bool {
-    cfg!(ferrotune_kernels) && !composite_from_env().unwrap_or_else(|e| panic!("{e}")).contains(&kernel)
+    (cfg!(ferrotune_kernels) || kernel == Kernel::Attention)
+        && !composite_from_env().unwrap_or_else(|e| panic!("{e}")).contains(&kernel)
 }
 
 /// Whether a model computing in `kind` on `device` runs `kernel` for its own tensors (what the functions
 /// below do, and what the memory plan counts): on CPU, in fp32 and bf16, except SwiGLU in bf16. There
 /// the composite's own kernels move half the bytes and the fused loop's bf16 conversions cost more than
 /// they save: fwd + bwd of (1024, 1536) 3.9 ms fused against 3.4 ms composite on the AVX2 EPYC (fp32:
-/// 4.0 against 6.1; not measured on AVX-512).
+/// 4.0 against 6.1; not measured on AVX-512). The grouped attention: bf16 only, and only on a CPU with
+/// bf16 matrix units (`attention.rs` says why).
 pub fn applies(kernel: Kernel, device: Device, kind: Kind) -> bool {
     let kinds: &[Kind] = match kernel {
         Kernel::Swiglu => &[Kind::Float],
         Kernel::RmsNorm | Kernel::Rope => &[Kind::Float, Kind::BFloat16],
+        Kernel::Attention if !crate::attention::cpu_has_bf16_units() => &[],
+        Kernel::Attention => &[Kind::BFloat16],
     };
     enabled(kernel) && device == Device::Cpu && kinds.contains(&kind)
 }

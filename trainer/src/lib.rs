@@ -3,6 +3,7 @@
 //! `ferrotune-launcher`).
 
 pub mod adapter_base;
+pub mod attention;
 pub mod batch;
 pub mod checkpoint;
 pub mod config;

@@ -32,6 +32,11 @@ pub struct MemoryInputs<'a> {
     /// Most trained positions in one micro-batch when the data is known (`train` counts them in the
     /// token cache); None assumes every position may be (`plan`, before any data is read).
     pub trained: Option<usize>,
+    /// With the grouped attention (`fused.attention`), the most query-key pairs of short documents in
+    /// one micro-batch (n² summed over its documents of n < `CPU_BF16_ATTENTION_FROM` tokens, padding
+    /// included) when the data is known (`train`); None assumes every token in a document of the
+    /// longest short length the rows allow.
+    pub short_pairs: Option<usize>,
     pub world: usize,
     /// `train.shard`: what is sliced over the `world` ranks.
     pub shard: Shard,
@@ -43,22 +48,27 @@ pub struct MemoryInputs<'a> {
 }
 
 /// Which of ferrotune's fused CPU kernels a model runs (`kernels::applies`), as far as they change what
-/// autograd keeps: the norms and the MLP's silu(gate) * up. (The fused rotary embedding saves what the
-/// composite saves, the cos and sin tables.)
+/// autograd keeps: the norms, the MLP's silu(gate) * up and short documents' grouped bf16 attention.
+/// (The fused rotary embedding saves what the composite saves, the cos and sin tables.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Fused {
     pub norm: bool,
     pub swiglu: bool,
+    pub attention: bool,
 }
 
 impl Fused {
     /// The composites throughout (CUDA, fp16, or `FERROTUNE_COMPOSITE=all`).
-    pub const NONE: Fused = Fused { norm: false, swiglu: false };
+    pub const NONE: Fused = Fused { norm: false, swiglu: false, attention: false };
 
     /// What a model computing in `kind` on `device` runs.
     pub fn of(device: tch::Device, kind: tch::Kind) -> Fused {
         use crate::kernels::{applies, Kernel};
-        Fused { norm: applies(Kernel::RmsNorm, device, kind), swiglu: applies(Kernel::Swiglu, device, kind) }
+        Fused {
+            norm: applies(Kernel::RmsNorm, device, kind),
+            swiglu: applies(Kernel::Swiglu, device, kind),
+            attention: applies(Kernel::Attention, device, kind),
+        }
     }
 }
 
@@ -96,8 +106,10 @@ const FRAGMENTATION_CUDA: f64 = 0.10;
 ///   (eC + 4: what `csrc/rms_norm.cpp` saves for backward); with trainable
 ///   weights (full fine-tuning) also the normalized value before the weight and the output, which the
 ///   projections after it keep as their input (2eC);
-/// - attention: rotated q and k, v, SDPA's output and log-sum-exp (e(2Q + 2G) + 4H); o_proj's input
-///   (eQ) when its weight trains;
+/// - attention: rotated q and k, v, SDPA's output and log-sum-exp (e(2Q + 2G) + 4H), or as the grouped
+///   products (CPU, `fused.attention`) q's grouped copy, k and v (e(Q + 2G)) and the probabilities, which
+///   depend on the document's length and are counted apart (`predict`); o_proj's input (eQ) when its
+///   weight trains;
 /// - MLP: gate and up outputs and SiLU's output (3eF), or gate and up alone as ferrotune's fused kernel
 ///   (CPU, `fused.swiglu`: 2eF, `csrc/swiglu.cpp` recomputes SiLU); down_proj's input (eF) when its
 ///   weight trains;
@@ -121,7 +133,7 @@ pub fn layer_bytes_per_token(
     let full = lora.is_none();
     let base_inputs = if full { 2.0 * 2.0 * e * c + e * q + e * f } else { 0.0 };
     let norms = 2.0 * if fused.norm { e * c + 4.0 } else { 4.0 * c };
-    let attention = e * (2.0 * q + 2.0 * g) + 4.0 * h;
+    let attention = if fused.attention { e * (q + 2.0 * g) } else { e * (2.0 * q + 2.0 * g) + 4.0 * h };
     let mlp = if fused.swiglu { 2.0 } else { 3.0 } * e * f;
     let adapters = lora.map_or(0.0, |(r, targets, dropout)| {
         let width = |t: &str| match t {
@@ -248,15 +260,30 @@ pub fn predict(m: &MemoryInputs) -> MemoryPlan {
     // Kept graphs of the layers not recomputed, inputs of those recomputed, and one recomputed layer's
     // graph at a time during backward.
     let recomputed = m.checkpointing.recomputed(a.num_hidden_layers as usize) as f64;
-    let graphs = (layers - recomputed) * per_layer * tokens;
+    // The grouped attention keeps H probabilities per query-key pair of a short document: e·H·n² for n
+    // tokens, at most e·H·(n - 1) bytes a token.
+    let (pairs, probs) = if m.fused.attention {
+        let longest = (m.seq as f64).min((crate::attention::CPU_BF16_ATTENTION_FROM - 1) as f64);
+        let pairs = m.short_pairs.map_or(tokens * longest, |p| p as f64);
+        (pairs, e * a.num_attention_heads as f64 * pairs)
+    } else {
+        (0.0, 0.0)
+    };
+    let graph = per_layer * tokens + probs;
+    let graphs = (layers - recomputed) * graph;
     let inputs = recomputed * e * a.hidden_size as f64 * tokens;
-    let one = if recomputed > 0.0 { per_layer * tokens } else { 0.0 };
+    let one = if recomputed > 0.0 { graph } else { 0.0 };
     part(
         "activations",
         graphs + inputs + one,
         format!(
-            "{} layer graphs x {per_layer:.0} B/token, {recomputed} layer inputs x {e}C B/token{}, {tokens} tokens",
+            "{} layer graphs x {per_layer:.0} B/token{}, {recomputed} layer inputs x {e}C B/token{}, {tokens} tokens",
             layers - recomputed,
+            if probs > 0.0 {
+                format!(" + attention probabilities {e}H B x {pairs:.0} query-key pairs")
+            } else {
+                String::new()
+            },
             if recomputed > 0.0 { " + one recomputed graph" } else { "" }
         ),
     );
@@ -324,6 +351,21 @@ pub fn predict(m: &MemoryInputs) -> MemoryPlan {
     MemoryPlan { parts, total }
 }
 
+/// Query-key pairs the grouped attention keeps probabilities for in one packed row of `seq` tokens whose
+/// documents have `doc_lens` tokens (the padding after them attends as one more): n² for each of fewer
+/// than `CPU_BF16_ATTENTION_FROM` tokens.
+pub fn short_pairs(doc_lens: &[u32], seq: usize) -> usize {
+    let used: usize = doc_lens.iter().map(|&n| n as usize).sum();
+    let from = crate::attention::CPU_BF16_ATTENTION_FROM as usize;
+    doc_lens
+        .iter()
+        .map(|&n| n as usize)
+        .chain(Some(seq.saturating_sub(used)))
+        .filter(|&n| n < from)
+        .map(|n| n * n)
+        .sum()
+}
+
 /// The planner's inputs for a resolved plan on `device` in `kind`.
 pub fn inputs_for<'a>(
     plan: &crate::plan::Plan,
@@ -343,6 +385,7 @@ pub fn inputs_for<'a>(
         seq: plan.config.data.max_seq_len,
         loss_chunk,
         trained: None,
+        short_pairs: None,
         world: plan.world_size,
         shard: plan.shard,
         bucket_bytes: t.bucket_bytes(),
@@ -466,6 +509,7 @@ mod tests {
             seq: 8192,
             loss_chunk: 523,
             trained: None,
+            short_pairs: None,
             world,
             shard: Shard::None,
             bucket_bytes: 25 << 20,
@@ -491,13 +535,17 @@ mod tests {
         assert!(no_dropout < lora);
         // The fused norm saves its input and a factor per token: in fp32 what the composite's fp32
         // input was (4 B a token more), in bf16 half of the composite's fp32 copy.
-        let norm = Fused { norm: true, swiglu: false };
+        let norm = Fused { norm: true, ..Fused::NONE };
         assert_eq!(layer_bytes_per_token(&smol, 4, None, norm) - full, 2.0 * 4.0);
         let bf16 = |fused| layer_bytes_per_token(&smol, 2, None, fused);
         assert_eq!(bf16(Fused::NONE) - bf16(norm), 2.0 * (4.0 * 576.0 - (2.0 * 576.0 + 4.0)));
         // The fused SwiGLU (fp32) keeps gate and up but not SiLU's output: one F-wide activation less.
         let fp32 = |fused| layer_bytes_per_token(&smol, 4, None, fused);
-        assert_eq!(fp32(norm) - fp32(Fused { norm: true, swiglu: true }), 4.0 * 1536.0);
+        assert_eq!(fp32(norm) - fp32(Fused { norm: true, swiglu: true, attention: false }), 4.0 * 1536.0);
+        // The grouped attention keeps q's grouped copy, k and v, not SDPA's output and log-sum-exp
+        // (its probabilities are counted per query-key pair in `predict`).
+        let grouped = Fused { attention: true, ..norm };
+        assert_eq!(bf16(norm) - bf16(grouped), 2.0 * 576.0 + 4.0 * 9.0);
     }
 
     #[test]
@@ -558,5 +606,29 @@ mod tests {
         // One rank has nothing to shard over.
         let alone = MemoryInputs { world: 1, ..base.clone() };
         assert!(knobs_that_fit(&alone, 80e9).iter().all(|k| !k.set.iter().any(|s| s.starts_with("train.shard"))));
+    }
+
+    #[test]
+    fn grouped_attention_keeps_its_probabilities_per_query_key_pair() {
+        let a = llama31_8b();
+        let grouped = Fused { attention: true, ..Fused::NONE };
+        let base = MemoryInputs {
+            checkpointing: Checkpointing::None,
+            rows: 1,
+            seq: 2048,
+            compute_bytes: 2,
+            fused: grouped,
+            ..full_8b(&a, 1)
+        };
+        let acts = |m: &MemoryInputs| predict(m).parts.iter().find(|p| p.name == "activations").unwrap().bytes;
+        // Unknown data: every token in a document of 511 tokens (the longest short one); known: the
+        // pairs counted. 32 layers x 2 B x 32 heads per pair.
+        let known = MemoryInputs { short_pairs: Some(1000), ..base.clone() };
+        let per_pair = 32.0 * 2.0 * 32.0;
+        assert!((acts(&base) - acts(&known) - per_pair * (2048.0 * 511.0 - 1000.0)).abs() < 1.0);
+        let sdpa = MemoryInputs { fused: Fused::NONE, ..known.clone() };
+        // Without it, SDPA's output and log-sum-exp instead: e·Q + 4H a token.
+        let layer = 2048.0 * (2.0 * 4096.0 + 4.0 * 32.0) - 1000.0 * 2.0 * 32.0;
+        assert!((acts(&sdpa) - acts(&known) - 32.0 * layer).abs() < 1.0);
     }
 }

@@ -359,25 +359,8 @@ impl Attention {
             None => (key, value),
         };
         let scale = (d as f64).powf(-0.5);
-        let sdpa = |q: &Tensor, key: &Tensor, value: &Tensor, mask: Option<&Tensor>| {
-            let n = q.size()[2];
-            if q.kind() == Kind::BFloat16 && q.device() == Device::Cpu && n < CPU_BF16_ATTENTION_FROM && mask.is_none()
-            {
-                let f = |t: &Tensor| t.to_kind(Kind::Float);
-                let y = Tensor::scaled_dot_product_attention(
-                    &f(q),
-                    &f(key),
-                    &f(value),
-                    None::<&Tensor>,
-                    0.0,
-                    true,
-                    scale,
-                    k != h,
-                );
-                return y.to_kind(Kind::BFloat16);
-            }
-            Tensor::scaled_dot_product_attention(q, key, value, mask, 0.0, mask.is_none(), scale, k != h)
-        };
+        let sdpa =
+            |q: &Tensor, key: &Tensor, value: &Tensor, mask| crate::attention::attend(q, key, value, mask, scale);
         let y = match attend {
             Attend::Causal => sdpa(&q, &key, &value, None), // (B, H, T, D)
             Attend::Mask(mask) => sdpa(&q, &key, &value, Some(mask)),
@@ -417,12 +400,7 @@ impl Mlp {
     }
 }
 
-/// On CPU, bf16 attention over fewer queries than this runs in fp32 (inputs cast up, output cast
-/// back): libtorch 2.13's CPU flash-attention kernel is slower in bf16 than in fp32 for short
-/// sequences. Measured on a 2-core Xeon with AMX, forward and backward, 9 query and 3 key/value heads
-/// of 64: 64 tokens 2.5 ms bf16 vs 0.6 ms fp32, 128: 4.9 vs 1.5, 256: 7.2 vs 4.9, 512: 20.4 vs 20.9,
-/// 1024: 47 vs 61. Packed rows of conversations are mostly short documents.
-pub const CPU_BF16_ATTENTION_FROM: i64 = 512;
+pub use crate::attention::CPU_BF16_ATTENTION_FROM;
 
 /// Which keys each query may attend to, decided once per forward pass for every layer.
 pub enum Attend {

@@ -370,6 +370,10 @@ fn resolve_plan(
     let mut inputs = memory::inputs_for(&plan, &arch, kind, device, step_opts.loss_chunk);
     let most = (0..train_cache.rows()).map(|r| train_cache.labels(r).iter().filter(|&&l| l != -100).count()).max();
     inputs.trained = most.map(|n| n * cfg.train.micro_batch_size);
+    if inputs.fused.attention {
+        let pairs = (0..train_cache.rows()).map(|r| memory::short_pairs(train_cache.doc_lens(r), inputs.seq)).max();
+        inputs.short_pairs = pairs.map(|n| n * cfg.train.micro_batch_size);
+    }
     let predicted = memory::predict(&inputs);
     log_plan(&plan, cfg, &step_opts, &predicted);
     tracing::info!("compute dtype {} ({why})", crate::kind_name(kind));
