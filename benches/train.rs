@@ -16,6 +16,9 @@
 //! the heaviest operators by self time side by side. The two sides run BENCH_ROUNDS times (default 2),
 //! alternating which goes first, and each side's fastest round is reported (all rounds are printed):
 //! on a machine whose speed drifts, one run each compared a disturbed minute with a quiet one.
+//! BENCH_ALSO=NAME=VALUE adds a third side in every round: ferrotune with that environment variable set
+//! (e.g. `FERROTUNE_COMPOSITE=attention`), reported beside the others with its ratio to ferrotune, so
+//! that a change is measured against what it replaced in the same minutes.
 //!
 //! Each side runs in its own child process so that peak resident memory (VmHWM / ru_maxrss) is its own.
 //! Both sides must see the same tokens and trained tokens and start from the same loss (within the
@@ -165,6 +168,10 @@ fn main() {
     };
     let (modes, dtypes) = (list("BENCH_MODES", "lora,full"), list("BENCH_DTYPES", "float32,bfloat16"));
     let state: String = env_or("BENCH_OPTIMIZER_DTYPE", "fp32".to_string());
+    let also_env: Option<(String, String)> = std::env::var("BENCH_ALSO").ok().map(|v| {
+        let (n, val) = v.split_once('=').expect("BENCH_ALSO is NAME=VALUE, e.g. FERROTUNE_COMPOSITE=attention");
+        (n.to_string(), val.to_string())
+    });
     let cpu = hardware::Cpu::detect();
     println!(
         "CPU: {} ({} logical CPUs, {} torch threads), bf16 matrix units: {}",
@@ -203,7 +210,12 @@ fn main() {
                 .args([mode.as_str(), dtype, &WARMUP.to_string()]);
             // Rounds alternate which side runs first, and each side's fastest round counts: on a shared
             // machine (a VM whose speed drifts by 30% between minutes) that is its least disturbed one.
-            let (mut all_ours, mut all_ref) = (vec![], vec![]);
+            let (mut all_ours, mut all_ref, mut all_also) = (vec![], vec![], vec![]);
+            let mut also = also_env.as_ref().map(|(name, value)| {
+                let mut c = Command::new(std::env::current_exe().unwrap());
+                c.arg(&model).arg(&rows).arg(dtype).env("FERROTUNE_BENCH_CHILD", mode).env(name, value);
+                c
+            });
             for round in 0..rounds {
                 let profile_now = profiling && round == 0;
                 if profile_now {
@@ -220,6 +232,9 @@ fn main() {
                     all_ref.push(run_child(&mut reference));
                     all_ours.push(run_child(&mut child));
                 }
+                if let Some(c) = also.as_mut() {
+                    all_also.push(run_child(c));
+                }
             }
             let secs = |v: &Value| v["secs"].as_f64().unwrap();
             let fastest = |all: &[Value]| all.iter().min_by(|a, b| secs(a).total_cmp(&secs(b))).unwrap().clone();
@@ -229,9 +244,12 @@ fn main() {
                     all.iter().map(|v| format!("{:.1}", v["tokens"].as_f64().unwrap() / secs(v))).collect::<Vec<_>>()
                 };
                 println!(
-                    "{mode:<6} {dtype:<9} rounds (tok/s): ferrotune {}, transformers {}",
+                    "{mode:<6} {dtype:<9} rounds (tok/s): ferrotune {}, transformers {}{}",
                     list(&all_ours).join(" "),
-                    list(&all_ref).join(" ")
+                    list(&all_ref).join(" "),
+                    also_env
+                        .as_ref()
+                        .map_or(String::new(), |(n, v)| format!(", {n}={v} {}", list(&all_also).join(" ")))
                 );
             }
             assert_eq!(ours["tokens"], reference["tokens"], "the two sides trained on different tokens");
@@ -260,6 +278,18 @@ fn main() {
                 rate(&ours, "tokens") / rate(&reference, "tokens"),
                 ours["peak_rss"].as_f64().unwrap() / reference["peak_rss"].as_f64().unwrap()
             );
+            if let (Some((name, value)), false) = (&also_env, all_also.is_empty()) {
+                let v = fastest(&all_also);
+                let a0 = v["losses"][0].as_f64().unwrap();
+                assert!((a0 - l0).abs() < tol * l0.abs().max(1.0), "{name}={value}: first loss {a0} vs {l0}");
+                println!(
+                    "{mode:<6} {dtype:<9} ferrotune with {name}={value}: {:.1} tok/s, {:.1}% MFU, peak RSS {:.2} GB; ferrotune {:.2}x it",
+                    rate(&v, "tokens"),
+                    100.0 * flops / secs(&v) / peaks[dtype],
+                    v["peak_rss"].as_f64().unwrap() / 1e9,
+                    rate(&ours, "tokens") / rate(&v, "tokens")
+                );
+            }
             if profiling {
                 print_profiles(mode, dtype, &profile_out.0, &profile_out.1);
             }

@@ -15,7 +15,8 @@
 //! 1,024 1.3x, 2,048 0.75x. Its cost: autograd keeps the probabilities, e·H·n bytes a token of an
 //! n-token document, where flash keeps 4·H (so only short documents, and `memory.rs` counts them); its
 //! rounding is transformers' eager attention in bf16 (bf16 scores, softmax in fp32 rounded to bf16), the
-//! oracle the parity test compares with.
+//! oracle the parity test compares with: equal to the bit where the scale 1/√D is a power of two (D =
+//! 16, 64, 256); for other head sizes eager rounds the product and then the scaled score, this once.
 
 use crate::kernels::{applies, Kernel};
 use tch::{Device, Kind, Tensor};

@@ -6,9 +6,10 @@
 //! composite for whatever they decline), and nothing for CUDA.
 //!
 //! `FERROTUNE_COMPOSITE` names kernels to leave out (comma-separated `rms_norm`, `swiglu`, `rope`,
-//! `attention`, or `all`), for comparing the two or as an escape hatch. `attention` is not a csrc
-//! kernel but the same kind of choice: short documents' bf16 attention as grouped matrix products
-//! (`attention.rs`) instead of libtorch's flash kernel on fp32 copies.
+//! `attention`, `stack`, or `all`), for comparing the two or as an escape hatch. `attention` and `stack`
+//! are not csrc kernels but the same kind of choice: short documents' bf16 attention as grouped matrix
+//! products (`attention.rs`) instead of libtorch's flash kernel on fp32 copies, and frozen q, k, v and
+//! gate, up projections as one product each (`model::Stacked`) instead of one per linear.
 
 use tch::{Device, Kind, Tensor};
 
@@ -20,10 +21,12 @@ pub enum Kernel {
     Rope,
     /// `attention::grouped`: libtorch operations, in every build.
     Attention,
+    /// `model::Stacked`: libtorch operations, in every build.
+    Stack,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 4] = [Kernel::RmsNorm, Kernel::Swiglu, Kernel::Rope, Kernel::Attention];
+    pub const ALL: [Kernel; 5] = [Kernel::RmsNorm, Kernel::Swiglu, Kernel::Rope, Kernel::Attention, Kernel::Stack];
 
     /// The name `FERROTUNE_COMPOSITE` uses.
     pub fn name(self) -> &'static str {
@@ -32,6 +35,7 @@ impl Kernel {
             Kernel::Swiglu => "swiglu",
             Kernel::Rope => "rope",
             Kernel::Attention => "attention",
+            Kernel::Stack => "stack",
         }
     }
 }
@@ -45,7 +49,7 @@ pub fn parse_composite(value: &str) -> Result<Vec<Kernel>, String> {
             _ => out.push(Kernel::ALL.into_iter().find(|k| k.name() == name).ok_or_else(|| {
                 format!(
                     "FERROTUNE_COMPOSITE={value}: no kernel `{name}`; name some of rms_norm, swiglu, rope, \
-                     attention (comma-separated), or all"
+                     attention, stack (comma-separated), or all"
                 )
             })?),
         }
@@ -66,7 +70,7 @@ pub fn composite_from_env() -> Result<&'static [Kernel], &'static str> {
 /// grouped attention needs none), and not left out by `FERROTUNE_COMPOSITE`. Called for every norm,
 /// MLP, rotation and attention: allocates nothing.
 pub fn enabled(kernel: Kernel) -> bool {
-    (cfg!(ferrotune_kernels) || kernel == Kernel::Attention)
+    (cfg!(ferrotune_kernels) || matches!(kernel, Kernel::Attention | Kernel::Stack))
         && !composite_from_env().unwrap_or_else(|e| panic!("{e}")).contains(&kernel)
 }
 
@@ -82,6 +86,7 @@ pub fn applies(kernel: Kernel, device: Device, kind: Kind) -> bool {
         Kernel::RmsNorm | Kernel::Rope => &[Kind::Float, Kind::BFloat16],
         Kernel::Attention if !crate::attention::cpu_has_bf16_units() => &[],
         Kernel::Attention => &[Kind::BFloat16],
+        Kernel::Stack => return enabled(kernel),
     };
     enabled(kernel) && device == Device::Cpu && kinds.contains(&kind)
 }

@@ -45,6 +45,7 @@ impl Trainer {
             Some(cfg) => {
                 model.set_requires_grad(false);
                 tch::manual_seed(seed as i64);
+                model.stack_frozen_projections();
                 lora::attach(&mut model, cfg, dropout.clone()).map_err(Error::Invalid)?
             }
             None => {

@@ -31,11 +31,63 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let y = x.linear(&self.weight, self.bias.as_ref());
+        self.adapt(&x.linear(&self.weight, self.bias.as_ref()), x)
+    }
+
+    /// The layer's output from its base product `y` = x W^T (+ b), computed elsewhere: y plus the
+    /// adapter's delta of `x`, or y itself.
+    fn adapt(&self, y: &Tensor, x: &Tensor) -> Tensor {
         match &self.lora {
-            Some(lora) => lora.add_to(&y, x),
-            None => y,
+            Some(lora) => lora.add_to(y, x),
+            None => y.shallow_clone(),
         }
+    }
+}
+
+/// Frozen linears that read one input, their weights rows of one (sum of outs, in) tensor so that one
+/// product computes all their base outputs: a bigger matrix product runs nearer the machine's peak, and
+/// backward sums their input gradients inside it. Fine-tuning with LoRA stacks q, k, v and gate, up
+/// (`Llama::stack_frozen_projections`): on the Zen 4 EPYC in bf16, 1,024 tokens, fwd + input gradient
+/// of q, k and v 7.8-8.9 ms apart against 5.7-6.1 stacked, gate and up 20.1-21.9 against 17.8-18.9.
+/// Each linear's `weight` stays its own tensor (for names, export and merging) viewing its rows.
+pub struct Stacked {
+    weight: Tensor, // (sum of outs, in)
+    outs: Vec<i64>,
+}
+
+impl Stacked {
+    /// Stacks `parts` (moving their weights into the stack) if none has a bias or a weight requiring
+    /// gradients, all of one input width, dtype and device; None (nothing moved) otherwise.
+    fn of(parts: &mut [&mut Linear]) -> Option<Stacked> {
+        let first = &parts.first()?.weight;
+        let (kind, device, width) = (first.kind(), first.device(), first.size()[1]);
+        let ok = |l: &&mut Linear| {
+            l.bias.is_none()
+                && !l.weight.requires_grad()
+                && (l.weight.kind(), l.weight.device(), l.weight.size()[1]) == (kind, device, width)
+        };
+        if !parts.iter().all(ok) {
+            return None;
+        }
+        let weight = Tensor::cat(&parts.iter().map(|l| l.weight.shallow_clone()).collect::<Vec<_>>(), 0);
+        let outs: Vec<i64> = parts.iter().map(|l| l.weight.size()[0]).collect();
+        let mut start = 0;
+        for (l, &n) in parts.iter_mut().zip(&outs) {
+            // set_data swaps the storage under the tensor the VarStore also holds (one TensorImpl).
+            l.weight.set_data(&weight.narrow(0, start, n));
+            start += n;
+        }
+        Some(Stacked { weight, outs })
+    }
+
+    /// The parts' outputs for x (..., in), each (..., out_i) with its adapter; None when a part's weight
+    /// has come to require gradients since (then the stack would not pass them on).
+    fn forward(&self, parts: &[&Linear], x: &Tensor) -> Option<Vec<Tensor>> {
+        if parts.iter().any(|l| l.weight.requires_grad()) {
+            return None;
+        }
+        let ys = x.linear::<Tensor>(&self.weight, None).split_with_sizes(&self.outs, -1); // (..., out_i) each
+        Some(parts.iter().zip(&ys).map(|(l, y)| l.adapt(y, x)).collect())
     }
 }
 
@@ -71,6 +123,8 @@ pub struct Attention {
     pub k_proj: Linear,
     pub v_proj: Linear,
     pub o_proj: Linear,
+    /// q, k and v stacked, when frozen (`Llama::stack_frozen_projections`).
+    qkv: Option<Stacked>,
     n_heads: i64,
     n_kv_heads: i64,
     head_dim: i64,
@@ -80,6 +134,8 @@ pub struct Mlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
+    /// gate and up stacked, when frozen.
+    gate_up: Option<Stacked>,
 }
 
 pub struct DecoderLayer {
@@ -144,6 +200,7 @@ impl Llama {
                         k_proj: Linear::new(&(&a / "k_proj"), c.hidden_size, k * d, ab, kind),
                         v_proj: Linear::new(&(&a / "v_proj"), c.hidden_size, k * d, ab, kind),
                         o_proj: Linear::new(&(&a / "o_proj"), h * d, c.hidden_size, ab, kind),
+                        qkv: None,
                         n_heads: h,
                         n_kv_heads: k,
                         head_dim: d,
@@ -164,6 +221,7 @@ impl Llama {
                             c.mlp_bias,
                             kind,
                         ),
+                        gate_up: None,
                     },
                     input_layernorm: RmsNorm::new(&(&p / "input_layernorm"), c.hidden_size, c.rms_norm_eps, kind),
                     post_attention_layernorm: RmsNorm::new(
@@ -218,6 +276,20 @@ impl Llama {
             out.push((format!("{p}.mlp.down_proj"), "down_proj", &mut m.down_proj));
         }
         out
+    }
+
+    /// Stacks each layer's frozen q, k, v and its gate, up projections (`Stacked`), once their weights
+    /// are loaded and frozen (LoRA fine-tuning); layers whose weights train or have biases stay apart,
+    /// and all of them under `FERROTUNE_COMPOSITE=stack`.
+    pub fn stack_frozen_projections(&mut self) {
+        if !crate::kernels::enabled(crate::kernels::Kernel::Stack) {
+            return;
+        }
+        for l in &mut self.layers {
+            let (a, m) = (&mut l.self_attn, &mut l.mlp);
+            a.qkv = a.qkv.take().or_else(|| Stacked::of(&mut [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj]));
+            m.gate_up = m.gate_up.take().or_else(|| Stacked::of(&mut [&mut m.gate_proj, &mut m.up_proj]));
+        }
     }
 
     /// Makes every parameter require gradients (full fine-tuning) or none (inference, frozen base).
@@ -342,9 +414,13 @@ impl Attention {
     ) -> Tensor {
         let (b, t, _) = x.size3().expect("x must be (B, T, C)");
         let (h, k, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x).view([b, t, h, d]).transpose(1, 2); // (B, H, T, D)
-        let key = self.k_proj.forward(x).view([b, t, k, d]).transpose(1, 2); // (B, K, T, D)
-        let value = self.v_proj.forward(x).view([b, t, k, d]).transpose(1, 2); // (B, K, T, D)
+        let parts = [&self.q_proj, &self.k_proj, &self.v_proj];
+        let qkv = self.qkv.as_ref().and_then(|s| s.forward(&parts, x));
+        let [q, key, value] =
+            qkv.map_or_else(|| parts.map(|l| l.forward(x)), |v| [0, 1, 2].map(|i| v[i].shallow_clone()));
+        let q = q.view([b, t, h, d]).transpose(1, 2); // (B, H, T, D)
+        let key = key.view([b, t, k, d]).transpose(1, 2); // (B, K, T, D)
+        let value = value.view([b, t, k, d]).transpose(1, 2); // (B, K, T, D)
         let q = rope::apply(&q, cos, sin);
         let key = rope::apply(&key, cos, sin);
         let (key, value) = match cache {
@@ -394,7 +470,11 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> Tensor {
         // gate and up (B, T, F); silu(gate) * up: on CPU in fp32 one fused kernel that saves gate and up
         // only (kernels::swiglu).
-        let (gate, up) = (self.gate_proj.forward(x), self.up_proj.forward(x));
+        let parts = [&self.gate_proj, &self.up_proj];
+        let (gate, up) = match self.gate_up.as_ref().and_then(|s| s.forward(&parts, x)) {
+            Some(v) => (v[0].shallow_clone(), v[1].shallow_clone()),
+            None => (self.gate_proj.forward(x), self.up_proj.forward(x)),
+        };
         let h = crate::kernels::swiglu(&gate, &up).unwrap_or_else(|| gate.silu() * up);
         self.down_proj.forward(&h)
     }
