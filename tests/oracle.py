@@ -51,7 +51,8 @@ DEVICE = os.environ.get("ORACLE_DEVICE", "cpu")
 
 def sdpa_in_fp32(module, query, key, value, attention_mask, **kwargs):
     """transformers' own sdpa attention on fp32 copies of q, k, v, the output cast back: what ferrotune
-    computes for bf16 attention of short sequences on CPU (model.rs, CPU_BF16_ATTENTION_FROM)."""
+    computes for bf16 attention of short sequences on a CPU without bf16 units (attention.rs,
+    CPU_BF16_ATTENTION_FROM)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     f = lambda t: t.float()

@@ -99,6 +99,9 @@ fn env(a: ProbeEnvArgs) -> Result<()> {
             "model": cpu.model, "logical": cpu.logical, "torch_threads": cpu.torch_threads,
             "isa": cpu.isa(), "bf16_units": cpu.bf16_units(), "has_bf16_units": cpu.has_bf16_units(),
         },
+        // How bf16 attention of a short document runs on this device (attention::Path): `Grouped`,
+        // `SdpaFp32` or `Sdpa`, for references that must compute it the same way (scripts/gpu-check).
+        "short_bf16_attention": format!("{:?}", ferrotune_trainer::attention::Path::of(24, Kind::BFloat16, device)),
         "libtorch": {"version": torch_version, "dir": lib},
         "cuda": cuda,
         "cuda_available": tch::Cuda::is_available(),
