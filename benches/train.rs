@@ -225,15 +225,19 @@ fn main() {
                     child.env_remove("BENCH_PROFILE_OUT");
                     reference.env_remove("REF_PROFILE");
                 }
+                // The third side (BENCH_ALSO) runs last in even rounds and first in odd ones.
                 if round % 2 == 0 {
                     all_ours.push(run_child(&mut child));
                     all_ref.push(run_child(&mut reference));
+                    if let Some(c) = also.as_mut() {
+                        all_also.push(run_child(c));
+                    }
                 } else {
+                    if let Some(c) = also.as_mut() {
+                        all_also.push(run_child(c));
+                    }
                     all_ref.push(run_child(&mut reference));
                     all_ours.push(run_child(&mut child));
-                }
-                if let Some(c) = also.as_mut() {
-                    all_also.push(run_child(c));
                 }
             }
             let secs = |v: &Value| v["secs"].as_f64().unwrap();

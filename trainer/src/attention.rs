@@ -13,10 +13,11 @@
 //! same libtorch driven from Python: 6 documents of 170 tokens 8.1 ms against 18.0
 //! for fp32 flash; lengths 60-400 10.6 against 21.9; 64-token documents 1.4x, 256 2.1x, 512 1.45x,
 //! 1,024 1.3x, 2,048 0.75x. Its cost: autograd keeps the probabilities, e·H·n bytes a token of an
-//! n-token document, where flash keeps 4·H (so only short documents, and `memory.rs` counts them); its
+//! n-token document, where flash keeps its output and log-sum-exp, e·Q + 4·H (so only short documents,
+//! and `memory.rs` counts them); its
 //! rounding is transformers' eager attention in bf16 (bf16 scores, softmax in fp32 rounded to bf16), the
-//! oracle the parity test compares with: equal to the bit where the scale 1/√D is a power of two (D =
-//! 16, 64, 256); for other head sizes eager rounds the product and then the scaled score, this once.
+//! oracle the parity test compares with (equal to the bit on its model, D = 16, on the CPUs it ran on;
+//! where 1/√D is not a power of two, eager rounds the product and then the scaled score, this once).
 
 use crate::kernels::{applies, Kernel};
 use tch::{Device, Kind, Tensor};
@@ -90,7 +91,8 @@ pub fn grouped(q: &Tensor, key: &Tensor, value: &Tensor, scale: f64) -> Tensor {
     let q = q.reshape([b * k, g * t, d]); // (B·K, g·T, D), a copy for the usual transposed q
     let key = key.reshape([b * k, t, d]); // (B·K, T, D)
     let value = value.reshape([b * k, t, d]); // (B·K, T, D)
-                                              // 0 where query i (of each stacked head) may see key j <= i, -inf above the diagonal. (g·T, T)
+
+    // 0 where query i (of each stacked head) may see key j <= i, -inf above the diagonal. (g·T, T)
     let bias = Tensor::full([t, t], f64::NEG_INFINITY, opts).triu(1).repeat([g, 1]);
     let scores = bias.baddbmm(&q, &key.transpose(1, 2), 1.0, scale); // (B·K, g·T, T)
     let probs = scores.softmax(-1, q.kind());

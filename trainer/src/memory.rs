@@ -34,9 +34,9 @@ pub struct MemoryInputs<'a> {
     pub trained: Option<usize>,
     /// With the grouped attention (`fused.attention`), the most query-key pairs of short documents in
     /// one micro-batch (n² summed over its documents of n < `CPU_BF16_ATTENTION_FROM` tokens, padding
-    /// included) when the data is known (`train`); None assumes every token in a document of the
-    /// longest short length the rows allow.
-    pub short_pairs: Option<usize>,
+    /// included) and the fewest of its tokens in such documents, when the data is known (`train`);
+    /// None assumes every token in a document of the longest short length the rows allow.
+    pub short_pairs: Option<(usize, usize)>,
     pub world: usize,
     /// `train.shard`: what is sliced over the `world` ranks.
     pub shard: Shard,
@@ -260,12 +260,16 @@ pub fn predict(m: &MemoryInputs) -> MemoryPlan {
     // Kept graphs of the layers not recomputed, inputs of those recomputed, and one recomputed layer's
     // graph at a time during backward.
     let recomputed = m.checkpointing.recomputed(a.num_hidden_layers as usize) as f64;
-    // The grouped attention keeps H probabilities per query-key pair of a short document: e·H·n² for n
-    // tokens, at most e·H·(n - 1) bytes a token.
+    // The grouped attention keeps H probabilities per query-key pair of a short document: e·H·n² for an
+    // n-token document, e·H·n bytes each of its tokens, at most e·H·511 (`per_layer` counts its other
+    // tensors). Tokens of longer documents attend through SDPA, which keeps its output and log-sum-exp
+    // besides (e·Q + 4H a token). Without data, every token in a short document of the longest length
+    // the rows allow: no more than any mix (e·H·511 > e·Q + 4H for head sizes up to 509).
+    let (h, q) = (a.num_attention_heads as f64, (a.num_attention_heads * a.head_dim) as f64);
+    let longest = (m.seq as f64).min((crate::attention::CPU_BF16_ATTENTION_FROM - 1) as f64);
     let (pairs, probs) = if m.fused.attention {
-        let longest = (m.seq as f64).min((crate::attention::CPU_BF16_ATTENTION_FROM - 1) as f64);
-        let pairs = m.short_pairs.map_or(tokens * longest, |p| p as f64);
-        (pairs, e * a.num_attention_heads as f64 * pairs)
+        let (pairs, short) = m.short_pairs.map_or((tokens * longest, tokens), |(p, s)| (p as f64, s as f64));
+        (pairs, e * h * pairs + (tokens - short).max(0.0) * (e * q + 4.0 * h))
     } else {
         (0.0, 0.0)
     };
@@ -280,17 +284,27 @@ pub fn predict(m: &MemoryInputs) -> MemoryPlan {
             "{} layer graphs x {per_layer:.0} B/token{}, {recomputed} layer inputs x {e}C B/token{}, {tokens} tokens",
             layers - recomputed,
             if probs > 0.0 {
-                format!(" + attention probabilities {e}H B x {pairs:.0} query-key pairs")
+                format!(" + attention probabilities {e}H B x {pairs:.0} query-key pairs (SDPA's output beyond)")
             } else {
                 String::new()
             },
             if recomputed > 0.0 { " + one recomputed graph" } else { "" }
         ),
     );
+    // The grouped attention's backward holds the gradients of one document's probabilities and scores
+    // at once (2·e·H·n², the longest short document).
+    let scores = if m.fused.attention { 2.0 * e * h * longest * longest } else { 0.0 };
     part(
         "backward working set",
-        backward_bytes_per_token(a, m.compute_bytes) * tokens,
-        format!("gradients of one layer's activations ({tokens} tokens)"),
+        backward_bytes_per_token(a, m.compute_bytes) * tokens + scores,
+        format!(
+            "gradients of one layer's activations ({tokens} tokens){}",
+            if scores > 0.0 {
+                format!(", of one document's attention scores ({longest} tokens)")
+            } else {
+                String::new()
+            }
+        ),
     );
     // The loss chunk: logits in the compute dtype and in fp32, log-softmax kept for backward, and the
     // fp32 gradient of the logits (plus its compute-dtype copy in bf16); the final norm's output; and,
@@ -352,18 +366,13 @@ pub fn predict(m: &MemoryInputs) -> MemoryPlan {
 }
 
 /// Query-key pairs the grouped attention keeps probabilities for in one packed row of `seq` tokens whose
-/// documents have `doc_lens` tokens (the padding after them attends as one more): n² for each of fewer
-/// than `CPU_BF16_ATTENTION_FROM` tokens.
-pub fn short_pairs(doc_lens: &[u32], seq: usize) -> usize {
+/// documents have `doc_lens` tokens (the padding after them attends as one more), and the tokens in those
+/// documents: n² and n for each of fewer than `CPU_BF16_ATTENTION_FROM` tokens.
+pub fn short_pairs(doc_lens: &[u32], seq: usize) -> (usize, usize) {
     let used: usize = doc_lens.iter().map(|&n| n as usize).sum();
     let from = crate::attention::CPU_BF16_ATTENTION_FROM as usize;
-    doc_lens
-        .iter()
-        .map(|&n| n as usize)
-        .chain(Some(seq.saturating_sub(used)))
-        .filter(|&n| n < from)
-        .map(|n| n * n)
-        .sum()
+    let short = doc_lens.iter().map(|&n| n as usize).chain(Some(seq.saturating_sub(used))).filter(|&n| n < from);
+    short.fold((0, 0), |(p, t), n| (p + n * n, t + n))
 }
 
 /// The planner's inputs for a resolved plan on `device` in `kind`.
@@ -622,13 +631,18 @@ mod tests {
         };
         let acts = |m: &MemoryInputs| predict(m).parts.iter().find(|p| p.name == "activations").unwrap().bytes;
         // Unknown data: every token in a document of 511 tokens (the longest short one); known: the
-        // pairs counted. 32 layers x 2 B x 32 heads per pair.
-        let known = MemoryInputs { short_pairs: Some(1000), ..base.clone() };
+        // pairs counted, and the tokens of long documents keep SDPA's output and log-sum-exp (e·Q + 4H
+        // a token). 32 layers x 2 B x 32 heads per pair.
+        let all_short = MemoryInputs { short_pairs: Some((1000, 2048)), ..base.clone() };
         let per_pair = 32.0 * 2.0 * 32.0;
-        assert!((acts(&base) - acts(&known) - per_pair * (2048.0 * 511.0 - 1000.0)).abs() < 1.0);
-        let sdpa = MemoryInputs { fused: Fused::NONE, ..known.clone() };
-        // Without it, SDPA's output and log-sum-exp instead: e·Q + 4H a token.
-        let layer = 2048.0 * (2.0 * 4096.0 + 4.0 * 32.0) - 1000.0 * 2.0 * 32.0;
-        assert!((acts(&sdpa) - acts(&known) - 32.0 * layer).abs() < 1.0);
+        assert!((acts(&base) - acts(&all_short) - per_pair * (2048.0 * 511.0 - 1000.0)).abs() < 1.0);
+        let sdpa_token = 2.0 * 4096.0 + 4.0 * 32.0;
+        let some_long = MemoryInputs { short_pairs: Some((1000, 48)), ..base.clone() };
+        assert!((acts(&some_long) - acts(&all_short) - 32.0 * 2000.0 * sdpa_token).abs() < 1.0);
+        // Without the grouped attention every token is SDPA's: the same count as all long.
+        let sdpa = MemoryInputs { fused: Fused::NONE, ..base.clone() };
+        let all_long = MemoryInputs { short_pairs: Some((0, 0)), ..base.clone() };
+        assert!((acts(&sdpa) - acts(&all_long)).abs() < 1.0);
+        assert_eq!(short_pairs(&[100, 600, 300], 1024), (100 * 100 + 300 * 300 + 24 * 24, 424));
     }
 }

@@ -81,13 +81,24 @@ impl Stacked {
     }
 
     /// The parts' outputs for x (..., in), each (..., out_i) with its adapter; None when a part's weight
-    /// has come to require gradients since (then the stack would not pass them on).
+    /// has come to require gradients since (the stack would not pass them on) or is no longer the
+    /// stack's rows (something gave it new storage, e.g. a dtype or device change: the stack would
+    /// compute with stale weights). Then the caller runs the linears apart.
     fn forward(&self, parts: &[&Linear], x: &Tensor) -> Option<Vec<Tensor>> {
-        if parts.iter().any(|l| l.weight.requires_grad()) {
-            return None;
+        let row = self.weight.size()[1] * self.weight.kind().elt_size_in_bytes() as i64;
+        let mut at = self.weight.data_ptr() as i64;
+        for (l, &n) in parts.iter().zip(&self.outs) {
+            if l.weight.requires_grad() || l.weight.data_ptr() as i64 != at || l.weight.kind() != self.weight.kind() {
+                return None;
+            }
+            at += n * row;
         }
         let ys = x.linear::<Tensor>(&self.weight, None).split_with_sizes(&self.outs, -1); // (..., out_i) each
-        Some(parts.iter().zip(&ys).map(|(l, y)| l.adapt(y, x)).collect())
+                                                                                          // A part without an adapter gets its own copy: a view would keep the whole stacked output alive
+                                                                                          // wherever autograd saves it (v for attention, up for SiLU's product), which memory.rs does not count.
+        Some(
+            parts.iter().zip(&ys).map(|(l, y)| if l.lora.is_some() { l.adapt(y, x) } else { y.contiguous() }).collect(),
+        )
     }
 }
 

@@ -371,8 +371,11 @@ fn resolve_plan(
     let most = (0..train_cache.rows()).map(|r| train_cache.labels(r).iter().filter(|&&l| l != -100).count()).max();
     inputs.trained = most.map(|n| n * cfg.train.micro_batch_size);
     if inputs.fused.attention {
-        let pairs = (0..train_cache.rows()).map(|r| memory::short_pairs(train_cache.doc_lens(r), inputs.seq)).max();
-        inputs.short_pairs = pairs.map(|n| n * cfg.train.micro_batch_size);
+        let rows: Vec<(usize, usize)> =
+            (0..train_cache.rows()).map(|r| memory::short_pairs(train_cache.doc_lens(r), inputs.seq)).collect();
+        let (pairs, short) = (rows.iter().map(|r| r.0).max(), rows.iter().map(|r| r.1).min());
+        let n = cfg.train.micro_batch_size;
+        inputs.short_pairs = pairs.zip(short).map(|(p, s)| (p * n, s * n));
     }
     let predicted = memory::predict(&inputs);
     log_plan(&plan, cfg, &step_opts, &predicted);

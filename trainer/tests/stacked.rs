@@ -75,3 +75,24 @@ fn trainable_weights_are_not_stacked() {
         assert!(g.defined() && max_abs(&g) > 0.0, "{name} got no gradient");
     }
 }
+
+#[test]
+fn a_weight_given_new_storage_leaves_the_stack_instead_of_going_stale() {
+    // What a dtype or device change through the VarStore does (tch's set_kind uses set_data): the
+    // weight no longer views the stack's rows, and the forward must run the linears apart.
+    let dir = fixture("tiny-llama");
+    let apart = load_model(&dir, Kind::Float, Device::Cpu).unwrap();
+    let mut stacked = load_model(&dir, Kind::Float, Device::Cpu).unwrap();
+    stacked.set_requires_grad(false);
+    stacked.stack_frozen_projections();
+    let name = "model.layers.2.mlp.gate_proj.weight";
+    for m in [&apart, &stacked] {
+        let mut w = m.vs.variables()[name].shallow_clone();
+        let fresh = tch::no_grad(|| &w * 0.5 + 0.02);
+        w.set_data(&fresh);
+    }
+    let x = input(apart.config.vocab_size);
+    let (a, s) = (logits(&apart, &x), logits(&stacked, &x));
+    let diff = max_abs_diff(&a, &s) / max_abs(&a);
+    assert!(diff < 1e-5, "the stack computed with the weight it held before: {diff}");
+}
