@@ -93,9 +93,10 @@ impl Stacked {
             }
             at += n * row;
         }
-        let ys = x.linear::<Tensor>(&self.weight, None).split_with_sizes(&self.outs, -1); // (..., out_i) each
-                                                                                          // A part without an adapter gets its own copy: a view would keep the whole stacked output alive
-                                                                                          // wherever autograd saves it (v for attention, up for SiLU's product), which memory.rs does not count.
+        // (..., out_i) each. A part without an adapter gets its own copy: a view would keep the whole
+        // stacked output alive wherever autograd saves it (v for attention, up for SiLU's product), which
+        // memory.rs does not count.
+        let ys = x.linear::<Tensor>(&self.weight, None).split_with_sizes(&self.outs, -1);
         Some(
             parts.iter().zip(&ys).map(|(l, y)| if l.lora.is_some() { l.adapt(y, x) } else { y.contiguous() }).collect(),
         )

@@ -20,16 +20,24 @@ fn logits(model: &Llama, input: &Tensor) -> Tensor {
     tch::no_grad(|| model.logits(&model.forward(input, &positions, None, None)))
 }
 
+/// The tiny model twice, frozen, as loaded (the caller stacks the second).
+fn apart_and_stacked() -> (Llama, Llama) {
+    let dir = fixture("tiny-llama");
+    let apart = load_model(&dir, Kind::Float, Device::Cpu).unwrap();
+    let stacked = load_model(&dir, Kind::Float, Device::Cpu).unwrap();
+    for m in [&apart, &stacked] {
+        m.set_requires_grad(false);
+    }
+    (apart, stacked)
+}
+
 fn input(vocab: i64) -> Tensor {
     Tensor::from_slice(&ids(2 * 20, 0, vocab, 11)).reshape([2, 20])
 }
 
 #[test]
 fn stacked_projections_compute_the_same_logits_and_keep_their_names() {
-    let dir = fixture("tiny-llama");
-    let apart = load_model(&dir, Kind::Float, Device::Cpu).unwrap();
-    let mut stacked = load_model(&dir, Kind::Float, Device::Cpu).unwrap();
-    stacked.set_requires_grad(false);
+    let (apart, mut stacked) = apart_and_stacked();
     let ptr = |m: &Llama, name: &str| m.vs.variables()[name].data_ptr() as usize;
     let (q, k) = ("model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight");
     stacked.stack_frozen_projections();
@@ -80,10 +88,7 @@ fn trainable_weights_are_not_stacked() {
 fn a_weight_given_new_storage_leaves_the_stack_instead_of_going_stale() {
     // What a dtype or device change through the VarStore does (tch's set_kind uses set_data): the
     // weight no longer views the stack's rows, and the forward must run the linears apart.
-    let dir = fixture("tiny-llama");
-    let apart = load_model(&dir, Kind::Float, Device::Cpu).unwrap();
-    let mut stacked = load_model(&dir, Kind::Float, Device::Cpu).unwrap();
-    stacked.set_requires_grad(false);
+    let (apart, mut stacked) = apart_and_stacked();
     stacked.stack_frozen_projections();
     let name = "model.layers.2.mlp.gate_proj.weight";
     for m in [&apart, &stacked] {
