@@ -14,8 +14,7 @@
 //! for fp32 flash; lengths 60-400 10.6 against 21.9; 64-token documents 1.4x, 256 2.1x, 512 1.45x,
 //! 1,024 1.3x, 2,048 0.75x. Its cost: autograd keeps the probabilities, e·H·n bytes a token of an
 //! n-token document, where flash keeps its output and log-sum-exp, e·Q + 4·H (so only short documents,
-//! and `memory.rs` counts them); its
-//! rounding is transformers' eager attention in bf16 (bf16 scores, softmax in fp32 rounded to bf16), the
+//! and `memory.rs` counts them); its rounding is transformers' eager attention in bf16 (bf16 scores, softmax in fp32 rounded to bf16), the
 //! oracle the parity test compares with (equal to the bit on its model, D = 16, on the CPUs it ran on;
 //! where 1/√D is not a power of two, eager rounds the product and then the scaled score, this once).
 
@@ -29,12 +28,6 @@ use tch::{Device, Kind, Tensor};
 /// 1.5, 256: 7.2 vs 4.9, 512: 20.4 vs 20.9, 1024: 47 vs 61. Packed rows of conversations are mostly
 /// short documents.
 pub const CPU_BF16_ATTENTION_FROM: i64 = 512;
-
-/// Whether this machine's CPU has bf16 matrix units (AMX-BF16 or AVX-512 BF16), read once.
-pub fn cpu_has_bf16_units() -> bool {
-    static UNITS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *UNITS.get_or_init(|| crate::hardware::Cpu::detect().has_bf16_units())
-}
 
 /// Which kernel attends `n` queries in `kind` on `device` (without a mask: with one, always SDPA).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

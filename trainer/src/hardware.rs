@@ -82,6 +82,13 @@ impl Cpu {
     }
 }
 
+/// Whether this machine's CPU has bf16 matrix units (AMX-BF16 or AVX-512 BF16): /proc/cpuinfo read once
+/// per process, for choices made per operation (`kernels::applies`).
+pub fn cpu_has_bf16_units() -> bool {
+    static UNITS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *UNITS.get_or_init(|| Cpu::detect().has_bf16_units())
+}
+
 /// One CUDA device as the driver reports it.
 #[derive(Clone, Debug, Serialize)]
 pub struct Gpu {

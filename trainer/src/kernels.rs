@@ -84,7 +84,7 @@ pub fn applies(kernel: Kernel, device: Device, kind: Kind) -> bool {
     let kinds: &[Kind] = match kernel {
         Kernel::Swiglu => &[Kind::Float],
         Kernel::RmsNorm | Kernel::Rope => &[Kind::Float, Kind::BFloat16],
-        Kernel::Attention if !crate::attention::cpu_has_bf16_units() => &[],
+        Kernel::Attention if !crate::hardware::cpu_has_bf16_units() => &[],
         Kernel::Attention => &[Kind::BFloat16],
         Kernel::Stack => return enabled(kernel),
     };
