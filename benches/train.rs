@@ -11,7 +11,11 @@
 //!
 //! It prints the CPU, its bf16 units and the matrix-product peak in each dtype (measured now, or the best
 //! this machine has shown, as the training loop takes it: `hardware::peak`), and the MFU of both sides
-//! against that peak (the same FLOPs, `trainer/src/flops.rs`, over each side's time).
+//! against that peak (the same FLOPs, `trainer/src/flops.rs`, over each side's time). Tokens/s counts
+//! the rows' positions on both sides; ferrotune computes only those that can reach the loss
+//! (`batch::trimmed`: the bench's rows end in padding, the last of them 2/3 of its row), transformers
+//! computes them all, and MFU counts the FLOPs of the former (`FERROTUNE_COMPOSITE=trim` in BENCH_ALSO
+//! measures ferrotune computing them all).
 //! BENCH_PROFILE=1 profiles one extra, untimed step of each side with libtorch's profiler and prints
 //! the heaviest operators by self time side by side. The two sides run BENCH_ROUNDS times (default 2),
 //! alternating which goes first, and each side's fastest round is reported (all rounds are printed):
@@ -56,7 +60,7 @@ fn kind_of(dtype: &str) -> Kind {
 }
 
 /// One side of the comparison: ferrotune's training step over the rows file (run in a child).
-fn ours(model: &Path, rows: &Path, mode: &str, dtype: &str) -> Value {
+fn ours(model: &Path, rows: &Path, mode: &str, dtype: &str, seq: usize) -> Value {
     let lora = (mode == "lora").then(|| LoraConfig {
         r: 8,
         alpha: 16.0,
@@ -88,13 +92,14 @@ fn ours(model: &Path, rows: &Path, mode: &str, dtype: &str) -> Value {
         if i == WARMUP {
             t0 = Instant::now();
         }
-        let (n, seq) = (b.trained, b.ids.size()[1] as usize);
         losses.push(step(b));
         if i >= WARMUP {
+            // Tokens: the row's positions, as the reference counts them; FLOPs: the positions computed.
+            let (n, computed) = (b.trained, b.ids.size()[1] as usize);
             tokens += seq;
             trained += n;
-            let pairs = b.attend.pairs(b.ids.size()[0] as usize, seq);
-            flops += step_flops(&model_cfg, seq, n, pairs, adapters);
+            let pairs = b.attend.pairs(b.ids.size()[0] as usize, computed);
+            flops += step_flops(&model_cfg, computed, n, pairs, adapters);
         }
     }
     let secs = t0.elapsed().as_secs_f64();
@@ -153,7 +158,7 @@ fn run_child(cmd: &mut Command) -> Value {
 fn main() {
     if let Ok(mode) = std::env::var("FERROTUNE_BENCH_CHILD") {
         let args: Vec<String> = std::env::args().collect();
-        let v = ours(Path::new(&args[1]), Path::new(&args[2]), &mode, &args[3]);
+        let v = ours(Path::new(&args[1]), Path::new(&args[2]), &mode, &args[3], args[4].parse().unwrap());
         println!("{v}");
         return;
     }
@@ -202,7 +207,7 @@ fn main() {
                 tmp.path().join(format!("ref-{mode}-{dtype}.json")),
             );
             let mut child = Command::new(std::env::current_exe().unwrap());
-            child.arg(&model).arg(&rows).arg(dtype).env("FERROTUNE_BENCH_CHILD", mode);
+            child.arg(&model).arg(&rows).arg(dtype).arg(seq.to_string()).env("FERROTUNE_BENCH_CHILD", mode);
             let mut reference = Command::new(fixtures::python());
             reference
                 .arg(fixtures::repo_root().join("benches/train_reference.py"))
@@ -213,7 +218,12 @@ fn main() {
             let (mut all_ours, mut all_ref, mut all_also) = (vec![], vec![], vec![]);
             let mut also = also_env.as_ref().map(|(name, value)| {
                 let mut c = Command::new(std::env::current_exe().unwrap());
-                c.arg(&model).arg(&rows).arg(dtype).env("FERROTUNE_BENCH_CHILD", mode).env(name, value);
+                c.arg(&model)
+                    .arg(&rows)
+                    .arg(dtype)
+                    .arg(seq.to_string())
+                    .env("FERROTUNE_BENCH_CHILD", mode)
+                    .env(name, value);
                 c
             });
             for round in 0..rounds {

@@ -1,6 +1,8 @@
 //! The useful work of a training step, the numerator of MFU (model FLOPs utilization), counted the
 //! way PaLM's appendix B and torchtitan count it, with attention's products included. Recomputation
-//! (activation checkpointing) is not useful work and is not counted. It measures nothing; the peak
+//! (activation checkpointing) is not useful work and is not counted, nor are positions that cannot
+//! reach the loss (padding, untrained tails: `batch::trimmed` leaves them out of the step, and a loop
+//! that computes them, like the bench's transformers side, does work that this does not count). It measures nothing; the peak
 //! that MFU divides by is `hardware::peak`.
 //!
 //! Per token of a step, with P_d the decoder's weight count, P_a the LoRA adapters' and C·V the head:
@@ -16,9 +18,9 @@
 use crate::config::LlamaConfig;
 use crate::model::Attend;
 
-/// FLOPs of one step: `tokens` in its rows, `trained` positions through the head, `pairs` attended
-/// (query, key) pairs (sum of [`Attend::pairs`] over its micro-batches), `adapter_params` the LoRA
-/// parameters (None: full fine-tuning).
+/// FLOPs of one step: `tokens` positions computed (those of its rows that can reach the loss),
+/// `trained` positions through the head, `pairs` attended (query, key) pairs (sum of [`Attend::pairs`]
+/// over its micro-batches), `adapter_params` the LoRA parameters (None: full fine-tuning).
 pub fn step_flops(c: &LlamaConfig, tokens: usize, trained: usize, pairs: f64, adapter_params: Option<usize>) -> f64 {
     let per_layer = c.hidden_size * c.head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
         + 3 * c.hidden_size * c.intermediate_size;

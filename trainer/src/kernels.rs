@@ -6,10 +6,12 @@
 //! composite for whatever they decline), and nothing for CUDA.
 //!
 //! `FERROTUNE_COMPOSITE` names kernels to leave out (comma-separated `rms_norm`, `swiglu`, `rope`,
-//! `attention`, `stack`, or `all`), for comparing the two or as an escape hatch. `attention` and `stack`
-//! are not csrc kernels but the same kind of choice: short documents' bf16 attention as grouped matrix
-//! products (`attention.rs`) instead of libtorch's flash kernel on fp32 copies, and frozen q, k, v and
-//! gate, up projections as one product each (`model::Stacked`) instead of one per linear.
+//! `attention`, `stack`, `trim`, or `all`), for comparing the two or as an escape hatch. `attention`,
+//! `stack` and `trim` are not csrc kernels but the same kind of choice: short documents' bf16 attention
+//! as grouped matrix products (`attention.rs`) instead of libtorch's flash kernel on fp32 copies, frozen
+//! q, k, v and gate, up projections as one product each (`model::Stacked`) instead of one per linear,
+//! and a step that computes only the positions that can reach the loss (`batch::trimmed`) instead of
+//! every position of its rows.
 
 use tch::{Device, Kind, Tensor};
 
@@ -23,10 +25,13 @@ pub enum Kernel {
     Attention,
     /// `model::Stacked`: libtorch operations, in every build.
     Stack,
+    /// `batch::trimmed`: host-side selection of positions, in every build and on every device.
+    Trim,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 5] = [Kernel::RmsNorm, Kernel::Swiglu, Kernel::Rope, Kernel::Attention, Kernel::Stack];
+    pub const ALL: [Kernel; 6] =
+        [Kernel::RmsNorm, Kernel::Swiglu, Kernel::Rope, Kernel::Attention, Kernel::Stack, Kernel::Trim];
 
     /// The name `FERROTUNE_COMPOSITE` uses.
     pub fn name(self) -> &'static str {
@@ -36,6 +41,7 @@ impl Kernel {
             Kernel::Rope => "rope",
             Kernel::Attention => "attention",
             Kernel::Stack => "stack",
+            Kernel::Trim => "trim",
         }
     }
 }
@@ -49,7 +55,7 @@ pub fn parse_composite(value: &str) -> Result<Vec<Kernel>, String> {
             _ => out.push(Kernel::ALL.into_iter().find(|k| k.name() == name).ok_or_else(|| {
                 format!(
                     "FERROTUNE_COMPOSITE={value}: no kernel `{name}`; name some of rms_norm, swiglu, rope, \
-                     attention, stack (comma-separated), or all"
+                     attention, stack, trim (comma-separated), or all"
                 )
             })?),
         }
@@ -70,7 +76,7 @@ pub fn composite_from_env() -> Result<&'static [Kernel], &'static str> {
 /// grouped attention needs none), and not left out by `FERROTUNE_COMPOSITE`. Called for every norm,
 /// MLP, rotation and attention: allocates nothing.
 pub fn enabled(kernel: Kernel) -> bool {
-    (cfg!(ferrotune_kernels) || matches!(kernel, Kernel::Attention | Kernel::Stack))
+    (cfg!(ferrotune_kernels) || matches!(kernel, Kernel::Attention | Kernel::Stack | Kernel::Trim))
         && !composite_from_env().unwrap_or_else(|e| panic!("{e}")).contains(&kernel)
 }
 
@@ -86,7 +92,7 @@ pub fn applies(kernel: Kernel, device: Device, kind: Kind) -> bool {
         Kernel::RmsNorm | Kernel::Rope => &[Kind::Float, Kind::BFloat16],
         Kernel::Attention if !crate::hardware::cpu_has_bf16_units() => &[],
         Kernel::Attention => &[Kind::BFloat16],
-        Kernel::Stack => return enabled(kernel),
+        Kernel::Stack | Kernel::Trim => return enabled(kernel),
     };
     enabled(kernel) && device == Device::Cpu && kinds.contains(&kind)
 }

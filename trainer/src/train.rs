@@ -499,18 +499,20 @@ fn one_step(run: &mut Run, coll: &mut dyn Collective) -> Result<StepDone> {
         (0..plan.grad_accum).map(|_| to_tensors(&run.loader.next_batch(), run.device)).collect();
     // The loss of the step is divided by its trained tokens over all ranks and micro-batches.
     // With it, whether any rank was interrupted: all ranks stop after the same step.
-    // And the attended (query, key) pairs, for the step's FLOPs.
+    // And the attended (query, key) pairs and the positions computed (`batch::trimmed`), for the step's
+    // FLOPs.
     let pairs: f64 = batches.iter().map(|b| b.attend.pairs(b.ids.size()[0] as usize, b.ids.size()[1] as usize)).sum();
     let mut trained = [
         batches.iter().map(|b| b.trained).sum::<usize>() as f64,
         f64::from(u8::from(crate::interrupt::requested())),
         pairs,
+        batches.iter().map(|b| b.ids.numel()).sum::<usize>() as f64,
     ];
     let waited = Instant::now(); // here the other ranks wait out rank 0's checkpoints
     coll.all_reduce_f64(&mut trained)?;
     let waited = waited.elapsed();
     run.interrupted = trained[1] > 0.0;
-    let (trained, pairs) = (trained[0] as usize, trained[2]);
+    let (trained, pairs, computed) = (trained[0] as usize, trained[2], trained[3] as usize);
     let denom = trained.max(1) as f64;
     let mut loss_sum = Tensor::zeros([], (Kind::Float, run.device));
     let last = batches.len() - 1;
@@ -573,7 +575,7 @@ fn one_step(run: &mut Run, coll: &mut dyn Collective) -> Result<StepDone> {
     w.tokens += plan.tokens_per_step;
     w.trained += trained;
     let adapters = plan.lora.is_some().then(|| run.trainer.trainable.iter().map(|(_, t)| t.numel()).sum());
-    w.flops += crate::flops::step_flops(&run.trainer.model.config, plan.tokens_per_step, trained, pairs, adapters);
+    w.flops += crate::flops::step_flops(&run.trainer.model.config, computed, trained, pairs, adapters);
     Ok(StepDone { loss, lr, grad_norm })
 }
 
