@@ -111,6 +111,18 @@ pub fn trimmed(b: &Batch) -> Option<Batch> {
     })
 }
 
+/// How many positions of a packed row can reach the loss ([`trimmed`]'s rule), from its documents'
+/// lengths in order (the token cache's; padding after them, if any, is never trained) and its labels.
+pub fn reaching(doc_lens: &[u32], labels: &[i32]) -> usize {
+    let (mut start, mut n) = (0usize, 0);
+    for &len in doc_lens {
+        let end = (start + len as usize).min(labels.len());
+        n += labels[start..end].iter().rposition(|&l| l != -100).map_or(0, |last| last + 1);
+        start = end;
+    }
+    n
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,6 +168,10 @@ mod tests {
         assert_eq!(t.doc_ids, [vec![0; 5], vec![1; 10]].concat(), "row 1's document 0 is a new one");
         assert_eq!(t.labels.iter().filter(|&&l| l != -100).count(), 3);
         assert_eq!(t.labels[4], 11);
+        // The token cache's view of the same rows (documents' lengths, padding not among them).
+        let labels: Vec<i32> = b.labels.iter().map(|&l| l as i32).collect();
+        let kept = reaching(&[6, 3], &labels[..12]) + reaching(&[10], &labels[12..]);
+        assert_eq!(kept, t.seq);
         let bt = all_positions(&t, Device::Cpu);
         assert_eq!(Vec::<i64>::try_from(&bt.idx).unwrap(), vec![2, 4, 14]);
         assert_eq!(bt.attend.pairs(1, 15), 15.0 + 55.0);

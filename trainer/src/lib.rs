@@ -36,6 +36,7 @@ pub mod run_data;
 pub mod run_lock;
 pub mod schedule;
 pub mod sdp;
+mod setup;
 pub mod tensorboard;
 pub mod train;
 pub mod weights;
