@@ -19,9 +19,7 @@ use common::*;
 use ferrotune_trainer::batch::BatchTensors;
 use ferrotune_trainer::layerwise::{Checkpointing, Stage, StepOptions};
 use ferrotune_trainer::learner::Trainer;
-use ferrotune_trainer::lora::LoraConfig;
 use ferrotune_trainer::model::Attend;
-use ferrotune_trainer::optim::{AdamWConfig, ShardOf};
 use tch::{Device, Kind, Tensor};
 
 /// Two packed rows of 24 tokens: documents of 7, 9 and 5 tokens then 3 of padding, and of 12 and 10
@@ -59,10 +57,6 @@ fn packed_batch(vocab: i64) -> BatchTensors {
     }
 }
 
-fn adamw() -> AdamWConfig {
-    AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
-}
-
 /// The loss sum and a copy of every trainable gradient, then the gradients zeroed.
 fn take_grads(trainer: &Trainer, sum: Tensor) -> (f64, Vec<Tensor>) {
     let grads = trainer.trainable.iter().map(|(_, p)| p.grad().detach().copy()).collect();
@@ -70,10 +64,6 @@ fn take_grads(trainer: &Trainer, sum: Tensor) -> (f64, Vec<Tensor>) {
         let _ = p.grad().zero_();
     }
     (sum.double_value(&[]), grads)
-}
-
-fn norm(t: &Tensor) -> f64 {
-    t.to_kind(Kind::Double).norm().double_value(&[])
 }
 
 fn compare(trainer: &Trainer, kind: Kind) {
@@ -103,7 +93,7 @@ fn compare(trainer: &Trainer, kind: Kind) {
             let loss_diff = (loss - ref_loss).abs() / ref_loss.abs();
             let (mut worst, mut worst_element): (f64, f64) = (0.0, 0.0);
             for ((name, _), (g, r)) in trainer.trainable.iter().zip(grads.iter().zip(&ref_grads)) {
-                let d = norm(&(g.to_kind(Kind::Float) - r.to_kind(Kind::Float))) / norm(r);
+                let d = relative_diff(g, r);
                 // One-row logits run a matrix-vector kernel whose sums round differently from the
                 // matrix product of several rows (measured: 1.5e-5 on logits of 43; chunks of 7 rows are
                 // bitwise equal to the whole product on an Intel Xeon). That moves every gradient by ~2e-6.
@@ -129,22 +119,15 @@ fn compare(trainer: &Trainer, kind: Kind) {
 
 #[test]
 fn lora_with_dropout_layerwise_equals_the_whole_graph() {
-    let cfg = LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, target_modules: vec!["all-linear".into()] };
     for kind in [Kind::Float, Kind::BFloat16] {
-        let trainer =
-            Trainer::new(&fixture("tiny-llama"), kind, Device::Cpu, Some(cfg.clone()), adamw(), 3, ShardOf::ALL)
-                .unwrap();
-        tch::manual_seed(4);
-        randomize_lora_b(&trainer.trainable, 0.05);
-        compare(&trainer, kind);
+        compare(&tiny_lora_trainer(kind, 0.1), kind);
     }
 }
 
 #[test]
 fn full_fine_tuning_layerwise_equals_the_whole_graph() {
     for kind in [Kind::Float, Kind::BFloat16] {
-        let trainer =
-            Trainer::new(&fixture("tiny-llama-bias"), kind, Device::Cpu, None, adamw(), 0, ShardOf::ALL).unwrap();
+        let trainer = tiny_full_trainer(kind);
         assert!(trainer.model.config.tie_word_embeddings);
         compare(&trainer, kind);
     }
@@ -154,8 +137,7 @@ fn full_fine_tuning_layerwise_equals_the_whole_graph() {
 /// graph does, so clipping and the optimizer see every tensor.
 #[test]
 fn nothing_trained_gives_zero_gradients_everywhere() {
-    let trainer =
-        Trainer::new(&fixture("tiny-llama-bias"), Kind::Float, Device::Cpu, None, adamw(), 0, ShardOf::ALL).unwrap();
+    let trainer = tiny_full_trainer(Kind::Float);
     let mut b = packed_batch(trainer.model.config.vocab_size);
     b.idx = Tensor::zeros([0], (Kind::Int64, Device::Cpu));
     b.targets = Tensor::zeros([0], (Kind::Int64, Device::Cpu));

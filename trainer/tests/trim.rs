@@ -18,9 +18,7 @@ use ferrotune_data::loader::Batch;
 use ferrotune_trainer::batch::{all_positions, trimmed, BatchTensors};
 use ferrotune_trainer::layerwise::{Checkpointing, StepOptions};
 use ferrotune_trainer::learner::Trainer;
-use ferrotune_trainer::lora::LoraConfig;
 use ferrotune_trainer::model::Attend;
-use ferrotune_trainer::optim::{AdamWConfig, ShardOf};
 use tch::{Device, Kind, Tensor};
 
 /// Two rows of 24 tokens. Row 0: a document of 9 trained at offsets 2..=5 (an untrained tail of 3),
@@ -47,14 +45,6 @@ fn host_batch(vocab: i64) -> Batch {
     }
     let trained_tokens = labels.iter().filter(|&&l| l != -100).count();
     Batch { rows, seq: t, ids, labels, position_ids, doc_ids, trained_tokens, row_indices: vec![0, 1], epoch: 0 }
-}
-
-fn adamw() -> AdamWConfig {
-    AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
-}
-
-fn norm(t: &Tensor) -> f64 {
-    t.to_kind(Kind::Double).norm().double_value(&[])
 }
 
 /// The loss sum of one layer-wise micro-step and a copy of every trainable gradient, then zeroed.
@@ -84,7 +74,7 @@ fn compare(trainer: &Trainer, kind: Kind) {
         let loss_diff = (loss - ref_loss).abs() / ref_loss.abs();
         let mut worst: f64 = 0.0;
         for ((name, _), (g, r)) in trainer.trainable.iter().zip(grads.iter().zip(&ref_grads)) {
-            let d = norm(&(g.to_kind(Kind::Float) - r.to_kind(Kind::Float))) / norm(r);
+            let d = relative_diff(g, r);
             assert!(d <= grad_tol, "{kind:?} {checkpointing:?}: {name} differs by {d:e} relative");
             worst = worst.max(d);
         }
@@ -97,31 +87,22 @@ fn compare(trainer: &Trainer, kind: Kind) {
 
 #[test]
 fn lora_trimmed_equals_every_position() {
-    let cfg = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, target_modules: vec!["all-linear".into()] };
     for kind in [Kind::Float, Kind::BFloat16] {
-        let trainer =
-            Trainer::new(&fixture("tiny-llama"), kind, Device::Cpu, Some(cfg.clone()), adamw(), 3, ShardOf::ALL)
-                .unwrap();
-        tch::manual_seed(4);
-        randomize_lora_b(&trainer.trainable, 0.05);
-        compare(&trainer, kind);
+        compare(&tiny_lora_trainer(kind, 0.0), kind);
     }
 }
 
 #[test]
 fn full_fine_tuning_trimmed_equals_every_position() {
     for kind in [Kind::Float, Kind::BFloat16] {
-        let trainer =
-            Trainer::new(&fixture("tiny-llama-bias"), kind, Device::Cpu, None, adamw(), 0, ShardOf::ALL).unwrap();
-        compare(&trainer, kind);
+        compare(&tiny_full_trainer(kind), kind);
     }
 }
 
 /// Nothing trained: one position is computed, the loss is 0 and every gradient exists and is 0.
 #[test]
 fn nothing_trained_computes_one_position() {
-    let trainer =
-        Trainer::new(&fixture("tiny-llama-bias"), Kind::Float, Device::Cpu, None, adamw(), 0, ShardOf::ALL).unwrap();
+    let trainer = tiny_full_trainer(Kind::Float);
     let mut host = host_batch(trainer.model.config.vocab_size);
     host.labels.iter_mut().for_each(|l| *l = -100);
     host.trained_tokens = 0;

@@ -95,3 +95,33 @@ pub fn randomize_lora_b(trainable: &[(String, Tensor)], scale: f64) {
         }
     });
 }
+
+/// The step tests' LoRA trainer: r = 4, alpha = 8 on every linear of tiny-llama (untied head), `dropout`,
+/// seed 3, AdamW without weight decay; its B randomized (seed 4, scale 0.05) so that A gets gradients.
+pub fn tiny_lora_trainer(kind: Kind, dropout: f64) -> ferrotune_trainer::learner::Trainer {
+    use ferrotune_trainer::{learner::Trainer, lora::LoraConfig, optim::ShardOf};
+    let cfg = LoraConfig { r: 4, alpha: 8.0, dropout, target_modules: vec!["all-linear".into()] };
+    let trainer =
+        Trainer::new(&fixture("tiny-llama"), kind, tch::Device::Cpu, Some(cfg), no_decay(), 3, ShardOf::ALL).unwrap();
+    tch::manual_seed(4);
+    randomize_lora_b(&trainer.trainable, 0.05);
+    trainer
+}
+
+/// The step tests' full fine-tuning trainer: tiny-llama-bias (biases, tied embeddings), AdamW without
+/// weight decay.
+pub fn tiny_full_trainer(kind: Kind) -> ferrotune_trainer::learner::Trainer {
+    use ferrotune_trainer::{learner::Trainer, optim::ShardOf};
+    Trainer::new(&fixture("tiny-llama-bias"), kind, tch::Device::Cpu, None, no_decay(), 0, ShardOf::ALL).unwrap()
+}
+
+/// AdamW with PyTorch's defaults and no weight decay.
+pub fn no_decay() -> ferrotune_trainer::optim::AdamWConfig {
+    ferrotune_trainer::optim::AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+}
+
+/// ‖a - b‖ / ‖b‖, in fp64 over fp32 copies.
+pub fn relative_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let norm = |t: &Tensor| t.to_kind(Kind::Double).norm().double_value(&[]);
+    norm(&(a.to_kind(Kind::Float) - b.to_kind(Kind::Float))) / norm(b)
+}
