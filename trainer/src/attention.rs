@@ -14,9 +14,10 @@
 //! for fp32 flash; lengths 60-400 10.6 against 21.9; 64-token documents 1.4x, 256 2.1x, 512 1.45x,
 //! 1,024 1.3x, 2,048 0.75x. Its cost: autograd keeps the probabilities, e·H·n bytes a token of an
 //! n-token document, where flash keeps its output and log-sum-exp, e·Q + 4·H (so only short documents,
-//! and `memory.rs` counts them); its rounding is transformers' eager attention in bf16 (bf16 scores, softmax in fp32 rounded to bf16), the
-//! oracle the parity test compares with (equal to the bit on its model, D = 16, on the CPUs it ran on;
-//! where 1/√D is not a power of two, eager rounds the product and then the scaled score, this once).
+//! and `memory.rs` counts them); its rounding is transformers' eager attention in bf16 (bf16 scores,
+//! softmax in fp32 rounded to bf16), the oracle the parity test compares with (equal to the bit on its
+//! model, D = 16, on the CPUs it ran on; where 1/√D is not a power of two, eager rounds the product and
+//! then the scaled score, this once).
 
 use crate::kernels::{applies, Kernel};
 use tch::{Device, Kind, Tensor};

@@ -4,9 +4,8 @@
 //! It does not fetch batches (the data crate's loader) or run the model.
 
 use crate::kernels::{enabled, Kernel};
-use crate::model::Attend;
+use crate::model::{doc_runs, Attend};
 use ferrotune_data::loader::Batch;
-use std::collections::{HashMap, HashSet};
 use tch::{Device, Tensor};
 
 /// Tensors of a batch on `device`, plus the trained positions computed on the host (no device sync).
@@ -65,39 +64,26 @@ pub fn all_positions(b: &Batch, device: Device) -> BatchTensors {
 /// Nothing trained at all keeps the first position, so the step still runs (its loss is 0).
 pub fn trimmed(b: &Batch) -> Option<Batch> {
     let t = b.seq;
-    let mut keep = Vec::with_capacity(b.ids.len());
+    let (mut keep, mut doc_ids) = (Vec::with_capacity(b.ids.len()), Vec::with_capacity(b.ids.len()));
     for r in 0..b.rows {
-        let row = &b.doc_ids[r * t..(r + 1) * t];
-        if row.windows(2).enumerate().any(|(j, w)| w[0] != w[1] && row[..j].contains(&w[1])) {
-            return None;
-        }
-        // Walking back: the documents of this row that train a position at or after p.
-        let (mut live, start) = (HashSet::new(), keep.len());
-        for p in (r * t..(r + 1) * t).rev() {
-            if b.labels[p] != -100 {
-                live.insert(b.doc_ids[p]);
-            }
-            if live.contains(&b.doc_ids[p]) {
-                keep.push(p);
+        let at = r * t;
+        for (start, len) in doc_runs(&b.doc_ids[at..at + t])? {
+            let start = at + start as usize;
+            let n = reaching_in(&b.labels[start..start + len as usize]);
+            if n > 0 {
+                let id = doc_ids.last().map_or(0, |&d: &i64| d + 1);
+                keep.extend(start..start + n);
+                doc_ids.resize(keep.len(), id);
             }
         }
-        keep[start..].reverse();
     }
     if keep.len() == b.ids.len() {
         return None;
     }
     if keep.is_empty() && !b.ids.is_empty() {
-        keep.push(0);
+        (keep, doc_ids) = (vec![0], vec![0]);
     }
     let pick = |v: &[i64]| keep.iter().map(|&p| v[p]).collect::<Vec<_>>();
-    let mut renumbered = HashMap::new();
-    let doc_ids = keep
-        .iter()
-        .map(|&p| {
-            let next = renumbered.len() as i64;
-            *renumbered.entry((p / t.max(1), b.doc_ids[p])).or_insert(next)
-        })
-        .collect();
     Some(Batch {
         rows: 1,
         seq: keep.len(),
@@ -111,16 +97,24 @@ pub fn trimmed(b: &Batch) -> Option<Batch> {
     })
 }
 
+/// How many leading positions of one document's `labels` can reach the loss: up to its last trained one.
+fn reaching_in<L: Copy + Into<i64>>(labels: &[L]) -> usize {
+    labels.iter().rposition(|&l| l.into() != -100).map_or(0, |last| last + 1)
+}
+
 /// How many positions of a packed row can reach the loss ([`trimmed`]'s rule), from its documents'
 /// lengths in order (the token cache's; padding after them, if any, is never trained) and its labels.
 pub fn reaching(doc_lens: &[u32], labels: &[i32]) -> usize {
-    let (mut start, mut n) = (0usize, 0);
-    for &len in doc_lens {
-        let end = (start + len as usize).min(labels.len());
-        n += labels[start..end].iter().rposition(|&l| l != -100).map_or(0, |last| last + 1);
-        start = end;
-    }
-    n
+    let mut start = 0;
+    doc_lens
+        .iter()
+        .map(|&len| {
+            let end = (start + len as usize).min(labels.len());
+            let n = reaching_in(&labels[start..end]);
+            start = end;
+            n
+        })
+        .sum()
 }
 
 #[cfg(test)]

@@ -515,19 +515,13 @@ impl Attend {
         let t = doc_ids.len() / rows.max(1);
         let mut spans = Vec::with_capacity(rows);
         for row in doc_ids.chunks(t.max(1)) {
-            let mut runs: Vec<(i64, i64)> = vec![];
-            let mut seen = std::collections::HashSet::new();
-            for (j, &id) in row.iter().enumerate() {
-                match runs.last_mut() {
-                    Some(last) if row[j - 1] == id => last.1 += 1,
-                    _ if seen.insert(id) => runs.push((j as i64, 1)),
-                    _ => {
-                        let d = Tensor::from_slice(doc_ids).reshape([rows as i64, t as i64]).to_device(device);
-                        return Attend::Mask(block_causal_mask(&d, &d, 0));
-                    }
+            match doc_runs(row) {
+                Some(runs) => spans.push(runs),
+                None => {
+                    let d = Tensor::from_slice(doc_ids).reshape([rows as i64, t as i64]).to_device(device);
+                    return Attend::Mask(block_causal_mask(&d, &d, 0));
                 }
             }
-            spans.push(runs);
         }
         if spans.iter().all(|r| r.len() <= 1) {
             Attend::Causal
@@ -535,6 +529,21 @@ impl Attend {
             Attend::Spans(spans)
         }
     }
+}
+
+/// The documents of one packed row (a document id per token) as (start, length) runs of equal ids;
+/// None when an id comes back after another (not a packed row).
+pub fn doc_runs(row: &[i64]) -> Option<Vec<(i64, i64)>> {
+    let mut runs: Vec<(i64, i64)> = vec![];
+    let mut seen = std::collections::HashSet::new();
+    for (j, &id) in row.iter().enumerate() {
+        match runs.last_mut() {
+            Some(last) if row[j - 1] == id => last.1 += 1,
+            _ if seen.insert(id) => runs.push((j as i64, 1)),
+            _ => return None,
+        }
+    }
+    Some(runs)
 }
 
 /// Boolean mask (B, 1, T, S): query i (at absolute slot `past + i`) may attend key j when both belong

@@ -71,7 +71,15 @@ pub(crate) fn resolve_plan(
     let config_path = run_dir.join("config.toml");
     std::fs::write(&config_path, cfg.to_toml()).map_err(Error::io(&config_path))?;
     let mut inputs = memory::inputs_for(&plan, &arch, kind, device, step_opts.loss_chunk);
-    let most = (0..train_cache.rows()).map(|r| train_cache.labels(r).iter().filter(|&&l| l != -100).count()).max();
+    // One pass over the labels: the most trained positions of a row, and the positions that can reach
+    // the loss (`batch::trimmed` computes only those), of all the rows' positions.
+    let (mut most, mut kept, mut all) = (None, 0, 0);
+    for r in 0..train_cache.rows() {
+        let labels = train_cache.labels(r);
+        most = most.max(Some(labels.iter().filter(|&&l| l != -100).count()));
+        kept += crate::batch::reaching(train_cache.doc_lens(r), labels);
+        all += labels.len();
+    }
     inputs.trained = most.map(|n| n * cfg.train.micro_batch_size);
     if inputs.fused.attention {
         let rows: Vec<(usize, usize)> =
@@ -83,11 +91,6 @@ pub(crate) fn resolve_plan(
     let predicted = memory::predict(&inputs);
     log_plan(&plan, cfg, &step_opts, &predicted);
     if crate::kernels::enabled(crate::kernels::Kernel::Trim) {
-        let (mut kept, mut all) = (0, 0);
-        for r in 0..train_cache.rows() {
-            kept += crate::batch::reaching(train_cache.doc_lens(r), train_cache.labels(r));
-            all += train_cache.labels(r).len();
-        }
         tracing::info!(
             "the steps compute the positions that can reach the loss, {kept} of the rows' {all} ({:.1}%): padding and tokens after a document's last trained one are left out (tok/s counts every position, MFU the computed ones)",
             100.0 * kept as f64 / all.max(1) as f64
